@@ -1,0 +1,28 @@
+"""Server configuration: one immutable object, read once, injected into the app.
+
+Never read settings from module globals at import time (STYLE.md habit 8; the
+counter-example is imageswap-webhook).  ``create_app(config)`` and the gunicorn
+launcher take a ``ServeConfig``; the CLI builds it from flags and environment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "0.0.0.0"  # noqa: S104 - a webhook in a pod listens on the pod IP
+    port: int = 8443
+    metrics_port: int = 9090
+    cert_file: str = "/etc/ecr-webhook/tls/tls.crt"
+    key_file: str = "/etc/ecr-webhook/tls/tls.key"
+    policy_file: str | None = None
+    region: str | None = None
+    audit_log: str = "-"
+    audit_max_bytes: int = 100 * 1024 * 1024
+    audit_backups: int = 5
+    workers: int = 2
+    threads: int = 8
+    dev: bool = False
+    log_verbosity: int = 0

@@ -1,0 +1,198 @@
+"""The AdmissionReview envelope and the admission decision.  Pure.
+
+``admit(body, ctx)`` takes a decoded AdmissionReview and returns an ``Outcome``:
+the response document and everything the audit record needs.  The Flask view
+only decodes, calls it, records and encodes (STYLE.md habit 1).
+
+Contract (Kubernetes docs, "Dynamic Admission Control", webhook request and
+response):
+
+* the response echoes the request's ``apiVersion`` and ``kind`` and carries
+  ``response.uid == request.uid``; both ``admission.k8s.io/v1`` and ``v1beta1``
+  are accepted (never assume v1);
+* a change is ``patchType: JSONPatch`` plus the base64 of the RFC 6902 patch; no
+  change means no ``patch`` field at all;
+* ``response.warnings`` are shown by kubectl; keep each under 120 characters
+  (the apiserver truncates longer ones and drops non-printable ones).
+
+Malformed envelopes raise ``ReviewError`` (the server answers HTTP 400).
+Everything else answers ``allowed: true``: this webhook never denies a pod, and
+an internal error must not deny one by accident (``failurePolicy`` only applies
+when the webhook does not answer).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, NotRequired, TypedDict
+
+from webhook.errors import ReviewError
+from webhook.patch import PatchOp, build_patch
+from webhook.plan import CONTAINER_KINDS, PlanContext, PodPlan, plan_pod
+
+API_VERSIONS = ("admission.k8s.io/v1", "admission.k8s.io/v1beta1")
+MAX_WARNING = 120
+
+
+class GroupVersionResource(TypedDict, total=False):
+    group: str
+    version: str
+    resource: str
+
+
+class UserInfo(TypedDict, total=False):
+    username: str
+    uid: str
+    groups: list[str]
+
+
+class AdmissionRequest(TypedDict, total=False):
+    uid: str
+    kind: dict[str, str]
+    resource: GroupVersionResource
+    subResource: str
+    name: str
+    namespace: str
+    operation: Literal["CREATE", "UPDATE", "DELETE", "CONNECT"]
+    userInfo: UserInfo
+    object: dict[str, Any]
+    oldObject: dict[str, Any]
+    dryRun: bool
+
+
+class AdmissionResponse(TypedDict):
+    uid: str
+    allowed: bool
+    patchType: NotRequired[Literal["JSONPatch"]]
+    patch: NotRequired[str]
+    warnings: NotRequired[list[str]]
+
+
+class AdmissionReviewOut(TypedDict):
+    apiVersion: str
+    kind: Literal["AdmissionReview"]
+    response: AdmissionResponse
+
+
+Decision = Literal["patched", "unchanged", "skipped", "error"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The answer to one admission, plus what the audit record needs."""
+
+    review: AdmissionReviewOut
+    decision: Decision
+    request: AdmissionRequest
+    plan: PodPlan = field(default_factory=PodPlan)
+    patch: tuple[PatchOp, ...] = ()
+    warnings: tuple[str, ...] = ()
+    skipped: str | None = None
+    error: str | None = None
+
+
+def parse_review(body: object) -> tuple[str, AdmissionRequest]:
+    """Validate the envelope; return (apiVersion, request).  Raises ReviewError."""
+    if not isinstance(body, Mapping):
+        raise ReviewError("the body must be a JSON object (an AdmissionReview)")
+    api_version = body.get("apiVersion")
+    if api_version not in API_VERSIONS:
+        raise ReviewError(
+            f"unsupported apiVersion {api_version!r}; expected one of {', '.join(API_VERSIONS)}"
+        )
+    if body.get("kind") != "AdmissionReview":
+        raise ReviewError(f"kind must be AdmissionReview, got {body.get('kind')!r}")
+    request = body.get("request")
+    if not isinstance(request, Mapping):
+        raise ReviewError("request is missing or not an object")
+    uid = request.get("uid")
+    if not isinstance(uid, str) or not uid:
+        raise ReviewError("request.uid is missing or empty")
+    return str(api_version), AdmissionRequest(**request)  # type: ignore[typeddict-item]
+
+
+def truncate(line: str, limit: int = MAX_WARNING) -> str:
+    """One printable line of at most ``limit`` characters."""
+    line = "".join(ch if ch.isprintable() else " " for ch in line)
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def response(
+    api_version: str, uid: str, patch: list[PatchOp] | tuple[PatchOp, ...] = (),
+    warnings: tuple[str, ...] = (),
+) -> AdmissionReviewOut:  # fmt: skip
+    """An ``allowed: true`` AdmissionReview answer; a patch only when there is one."""
+    resp: AdmissionResponse = {"uid": uid, "allowed": True}
+    if patch:
+        resp["patchType"] = "JSONPatch"
+        raw = json.dumps(list(patch), separators=(",", ":")).encode()
+        resp["patch"] = base64.b64encode(raw).decode("ascii")
+    if warnings:
+        resp["warnings"] = [truncate(w) for w in warnings]
+    return {"apiVersion": api_version, "kind": "AdmissionReview", "response": resp}
+
+
+def in_scope(request: AdmissionRequest) -> tuple[bool, tuple[str, ...]]:
+    """Whether this webhook acts on the request, and which container lists.
+
+    Scope: Pod CREATE, and UPDATE through the ``pods/ephemeralcontainers``
+    subresource (which can change only ``spec.ephemeralContainers``: the
+    apiserver's ephemeral-containers strategy drops every other change).
+    """
+    resource = request.get("resource") or {}
+    if resource.get("group", "") != "" or resource.get("resource") != "pods":
+        return False, ()
+    sub = request.get("subResource", "") or ""
+    op = request.get("operation")
+    if op == "CREATE" and sub == "":
+        return True, CONTAINER_KINDS
+    if op == "UPDATE" and sub == "ephemeralcontainers":
+        return True, ("ephemeralContainers",)
+    return False, ()
+
+
+def admit(body: object, ctx: PlanContext) -> Outcome:
+    """Decide one admission.  Raises ReviewError only for a malformed envelope.
+
+    Any other exception is the caller's to turn into an allowed answer with a
+    warning (``fail_open``), so the mapping of errors lives in one place.
+    """
+    api_version, request = parse_review(body)
+    uid = request["uid"]
+    ok, kinds = in_scope(request)
+    if not ok:
+        return Outcome(response(api_version, uid), "skipped", request, skipped="out of scope")
+    pod = request.get("object")
+    if not isinstance(pod, Mapping):
+        raise ReviewError("request.object is missing or not an object")
+    meta = pod.get("metadata") if isinstance(pod.get("metadata"), Mapping) else {}
+    namespace = request.get("namespace") or (meta or {}).get("namespace")
+    plan = plan_pod(meta, pod.get("spec"), namespace, ctx, kinds)
+    if plan.skipped:
+        return Outcome(response(api_version, uid), "skipped", request, plan, skipped=plan.skipped)
+    patch = tuple(build_patch(pod, plan))
+    warnings = tuple(d.message for d in plan.rewrites + plan.warnings)
+    decision: Decision = "patched" if patch else "unchanged"
+    return Outcome(
+        response(api_version, uid, patch, warnings), decision, request, plan, patch, warnings
+    )
+
+
+def fail_open(body: object, error: BaseException) -> Outcome:
+    """The answer when deciding failed: allowed, no patch, one warning.
+
+    Uses whatever uid and apiVersion the body has; ``body`` has already passed
+    ``parse_review`` when this is called.
+    """
+    api_version, request = parse_review(body)
+    message = f"ecr-webhook: internal error, pod admitted unchanged ({type(error).__name__})"
+    return Outcome(
+        response(api_version, request["uid"], (), (message,)),
+        "error",
+        request,
+        warnings=(message,),
+        error=f"{type(error).__name__}: {error}",
+    )
