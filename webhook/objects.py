@@ -56,29 +56,33 @@ def _name(meta: Mapping[str, Any]) -> str | None:
     return str(name) if name else None
 
 
-def pod_sites(obj: object) -> Iterator[tuple[Mapping[str, Any], PodSite | None]]:
+def pod_sites(
+    obj: object, default_namespace: str | None = None
+) -> Iterator[tuple[Mapping[str, Any], PodSite | None]]:
     """Yield ``(object, site)`` for every object in ``obj``.
 
     ``site`` is None for an object that carries no pod spec (a Service, say), so
-    callers can still count and report it.
+    callers can still count and report it.  ``default_namespace`` applies to
+    objects whose metadata names none (an AdmissionReview's ``request.namespace``).
     """
     if not isinstance(obj, Mapping):
         return
     kind = obj.get("kind")
     if kind == "List" or (isinstance(kind, str) and kind.endswith("List") and "items" in obj):
         for item in obj.get("items") or []:
-            yield from pod_sites(item)
+            yield from pod_sites(item, default_namespace)
         return
     if kind == "AdmissionReview":
         request = obj.get("request")
         inner = request.get("object") if isinstance(request, Mapping) else None
         if isinstance(inner, Mapping):
-            yield from pod_sites(inner)
+            assert isinstance(request, Mapping)
+            yield from pod_sites(inner, request.get("namespace") or default_namespace)
         return
     meta = obj.get("metadata")
     meta = meta if isinstance(meta, Mapping) else {}
     namespace = meta.get("namespace")
-    namespace = str(namespace) if namespace else None
+    namespace = str(namespace) if namespace else default_namespace
     if kind == "Pod":
         yield obj, PodSite(
             obj, "Pod", namespace, _name(meta), "/spec", "/metadata", meta, obj.get("spec")

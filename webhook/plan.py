@@ -121,7 +121,7 @@ class StaticOracle:
             return Verdict(
                 Availability.UNAVAILABLE,
                 Reason.WRONG_PARTITION,
-                f"{h.partition} image in a {self.cluster.partition} cluster",
+                f"{h.partition} registry, {self.cluster.partition} cluster",
             )
         if h.account not in self.facts.eks_accounts:
             return Verdict(Availability.UNKNOWN)
