@@ -15,6 +15,8 @@ SHARED = Path(os.environ.get("ECR_WEBHOOK_SHARED", ROOT.parent / "shared"))
 def shared_dir() -> Path:
     """../shared, or a skip that says why (only the corpus/data-copy tests use it)."""
     if not (SHARED / "ecr_accounts.csv").is_file():
-        pytest.skip(f"shared material not found at {SHARED} (set ECR_WEBHOOK_SHARED); "
-                    "the corpus and data-copy checks need it")
+        pytest.skip(
+            f"shared material not found at {SHARED} (set ECR_WEBHOOK_SHARED); "
+            "the corpus and data-copy checks need it"
+        )
     return SHARED

@@ -26,14 +26,20 @@ DIGEST = "sha256:" + "a" * 64
         ("127.0.0.1:5000/a/b/c:t", "127.0.0.1:5000", "a/b/c", "t", None),
         (f"foo/bar@{DIGEST}", None, "foo/bar", None, DIGEST),
         (f"foo/bar:v1@{DIGEST}", None, "foo/bar", "v1", DIGEST),
-        ("602401143452.dkr.ecr.us-west-2.amazonaws.com/amazon-k8s-cni:v1.23.1",
-         "602401143452.dkr.ecr.us-west-2.amazonaws.com", "amazon-k8s-cni", "v1.23.1", None),
+        (
+            "602401143452.dkr.ecr.us-west-2.amazonaws.com/amazon-k8s-cni:v1.23.1",
+            "602401143452.dkr.ecr.us-west-2.amazonaws.com",
+            "amazon-k8s-cni",
+            "v1.23.1",
+            None,
+        ),
         ("a__b/c--d.e_f:tag-1.2_3", None, "a__b/c--d.e_f", "tag-1.2_3", None),
         ("Foo.example/bar", "Foo.example", "bar", None, None),
     ],
 )
-def test_parse_examples(ref: str, domain: str | None, path: str, tag: str | None,
-                        digest: str | None) -> None:
+def test_parse_examples(
+    ref: str, domain: str | None, path: str, tag: str | None, digest: str | None
+) -> None:
     r = parse(ref)
     assert (r.domain, r.path, r.tag, r.digest) == (domain, path, tag, digest)
     assert str(r) == ref
@@ -98,19 +104,32 @@ def test_host_strips_port_and_lowercases() -> None:
 _alnum = st.text("abcdefghijklmnopqrstuvwxyz0123456789", min_size=1, max_size=8)
 _component = st.builds(
     lambda a, sep, b: a + sep + b if sep is not None else a,
-    _alnum, st.sampled_from([None, ".", "_", "__", "-", "--"]), _alnum,
+    _alnum,
+    st.sampled_from([None, ".", "_", "__", "-", "--"]),
+    _alnum,
 )
 _path = st.lists(_component, min_size=1, max_size=4).map("/".join)
 _domain = st.one_of(
     st.none(),
-    st.sampled_from(["localhost", "localhost:5000", "quay.io", "[::1]:5000",
-                     "602401143452.dkr.ecr.us-west-2.amazonaws.com"]),
-    st.lists(st.from_regex(r"[a-z0-9](?:[a-z0-9-]{0,6}[a-z0-9])?", fullmatch=True),
-             min_size=2, max_size=4).map(".".join),
+    st.sampled_from(
+        [
+            "localhost",
+            "localhost:5000",
+            "quay.io",
+            "[::1]:5000",
+            "602401143452.dkr.ecr.us-west-2.amazonaws.com",
+        ]
+    ),
+    st.lists(
+        st.from_regex(r"[a-z0-9](?:[a-z0-9-]{0,6}[a-z0-9])?", fullmatch=True),
+        min_size=2,
+        max_size=4,
+    ).map(".".join),
 )
 _tag = st.one_of(st.none(), st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,20}", fullmatch=True))
-_digest = st.one_of(st.none(), st.text("0123456789abcdef", min_size=64, max_size=64)
-                    .map(lambda h: "sha256:" + h))
+_digest = st.one_of(
+    st.none(), st.text("0123456789abcdef", min_size=64, max_size=64).map(lambda h: "sha256:" + h)
+)
 
 
 @settings(max_examples=400)
@@ -118,7 +137,7 @@ _digest = st.one_of(st.none(), st.text("0123456789abcdef", min_size=64, max_size
 def test_round_trip(domain: str | None, path: str, tag: str | None, digest: str | None) -> None:
     ref = ImageRef(domain, path, tag, digest)
     text = str(ref)
-    if domain is None and "/" in path and "." in path.split("/")[0]:
+    if domain is None and "/" in path and "." in path.split("/", maxsplit=1)[0]:
         return  # the first component would read as a domain; not the reference we built
     parsed = parse(text)
     assert str(parsed) == text

@@ -19,9 +19,14 @@ CTX = PlanContext.build(Policy(), "ap-southeast-4")
 
 
 def _pod(meta: dict[str, Any]) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta,
-            "spec": {"containers": [{"name": "aws-node", "image": BAD},
-                                    {"name": "other", "image": "nginx"}]}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": meta,
+        "spec": {
+            "containers": [{"name": "aws-node", "image": BAD}, {"name": "other", "image": "nginx"}]
+        },
+    }
 
 
 def _apply(pod: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
@@ -58,12 +63,17 @@ def test_existing_originals_are_merged_earliest_first() -> None:
     patch, out = _apply(_pod({"name": "p", "annotations": {ORIGINALS_ANNOTATION: earlier}}))
     assert patch[-1]["op"] == "replace"
     assert json.loads(out["metadata"]["annotations"][ORIGINALS_ANNOTATION]) == {
-        "aws-node": "first-original", "gone": "z"}
+        "aws-node": "first-original",
+        "gone": "z",
+    }
 
 
 def test_template_without_metadata() -> None:
-    ds = {"kind": "DaemonSet", "metadata": {"name": "d"},
-          "spec": {"template": {"spec": {"containers": [{"name": "c", "image": BAD}]}}}}
+    ds = {
+        "kind": "DaemonSet",
+        "metadata": {"name": "d"},
+        "spec": {"template": {"spec": {"containers": [{"name": "c", "image": BAD}]}}},
+    }
     plan = plan_pod(None, ds["spec"]["template"]["spec"], None, CTX)
     patch = build_patch(ds, plan, "/spec/template/spec", "/spec/template/metadata")
     out = jsonpatch.JsonPatch(patch).apply(ds)
@@ -79,8 +89,10 @@ def test_no_change_no_operations() -> None:
 
 @pytest.mark.parametrize("n", [1, 3, 7])
 def test_one_replace_per_changed_image(n: int) -> None:
-    pod = {"metadata": {}, "spec": {"containers": [{"name": f"c{i}", "image": BAD}
-                                                   for i in range(n)]}}
+    pod = {
+        "metadata": {},
+        "spec": {"containers": [{"name": f"c{i}", "image": BAD} for i in range(n)]},
+    }
     patch, out = _apply(pod)
     assert [op["op"] for op in patch] == ["replace"] * n + ["add"]
     assert all(c["image"] == GOOD for c in out["spec"]["containers"])

@@ -13,9 +13,15 @@ from webhook.policy import MirrorTarget, Policy, RegionTarget
 
 FACTS = ecr.default_facts()
 REGIONS = sorted(FACTS.regions)
-ACCOUNTS = sorted(FACTS.eks_accounts) + ["111122223333"]
-REPOS = ["amazon-k8s-cni", "amazon-k8s-cni-init", "eks/pause", "eks/coredns",
-         "amazon/aws-network-policy-agent", "team/app"]
+ACCOUNTS = [*sorted(FACTS.eks_accounts), "111122223333"]
+REPOS = [
+    "amazon-k8s-cni",
+    "amazon-k8s-cni-init",
+    "eks/pause",
+    "eks/coredns",
+    "amazon/aws-network-policy-agent",
+    "team/app",
+]
 DIGEST = "@sha256:" + "0123456789abcdef" * 4
 
 
@@ -26,8 +32,9 @@ def ecr_image(draw: st.DrawFn) -> str:
     p = ecr.partition(FACTS.regions[region].partition)
     fips = draw(st.booleans())
     dual = draw(st.booleans()) and p.dualstack_suffix is not None
-    host = ecr.EcrHost(account, region, fips, dual, p.dualstack_suffix if dual else p.dns_suffix,
-                       p.id).host
+    host = ecr.EcrHost(
+        account, region, fips, dual, p.dualstack_suffix if dual else p.dns_suffix, p.id
+    ).host
     repo = draw(st.sampled_from(REPOS))
     tag = draw(st.sampled_from([":v1.19.4", "", ":latest"]))
     digest = draw(st.sampled_from(["", DIGEST]))
@@ -36,10 +43,14 @@ def ecr_image(draw: st.DrawFn) -> str:
 
 policies = st.builds(
     lambda unavailable, fallback, mirror, pcr: Policy(
-        targets=((MirrorTarget("111122223333.dkr.ecr.us-east-1.amazonaws.com", "m"),) if mirror
-                 else ()) + (RegionTarget(),) + ((RegionTarget(fallback, "region"),) if fallback
-                                                 else ()),
-        unavailable=tuple(unavailable), prefer_cluster_region=pcr),
+        targets=(
+            (MirrorTarget("111122223333.dkr.ecr.us-east-1.amazonaws.com", "m"),) if mirror else ()
+        )
+        + (RegionTarget(),)
+        + ((RegionTarget(fallback, "region"),) if fallback else ()),
+        unavailable=tuple(unavailable),
+        prefer_cluster_region=pcr,
+    ),
     st.lists(st.sampled_from([FACTS.official_host(r) for r in REGIONS[:10]]), max_size=2),
     st.one_of(st.none(), st.sampled_from(REGIONS)),
     st.booleans(),
@@ -48,7 +59,7 @@ policies = st.builds(
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.sampled_from(REGIONS + [None]), policies, st.lists(ecr_image(), min_size=1, max_size=4))
+@given(st.sampled_from([*REGIONS, None]), policies, st.lists(ecr_image(), min_size=1, max_size=4))
 def test_planner_properties(region: str | None, policy: Policy, images: list[str]) -> None:
     ctx = PlanContext.build(policy, region)
     spec = {"containers": [{"name": f"c{i}", "image": im} for i, im in enumerate(images)]}
@@ -73,7 +84,11 @@ def test_planner_properties(region: str | None, policy: Policy, images: list[str
             # FIPS / dual-stack kept where the target region has them
             if src is not None and src.fips and FACTS.regions[h.region].fips_host:
                 assert h.fips
-            if src is not None and src.dualstack and ecr.partition(h.partition or "aws").dualstack_suffix:
+            if (
+                src is not None
+                and src.dualstack
+                and ecr.partition(h.partition or "aws").dualstack_suffix
+            ):
                 assert h.dualstack
         new_images.append(d.target)
     # idempotence: planning over the planner's own output yields nothing

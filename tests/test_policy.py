@@ -48,7 +48,9 @@ preferClusterRegion: true
     assert p.targets[0] == MirrorTarget("111122223333.dkr.ecr.eu-central-1.amazonaws.com", "mirror")
     assert p.targets[2] == RegionTarget("eu-west-1", "region")
     assert p.declared_unavailable("602401143452.dkr.ecr.us-east-1.amazonaws.com", "eks/pause")
-    assert p.declared_unavailable("602401143452.dkr.ecr.us-west-2.amazonaws.com", "eks/pause") is None
+    assert (
+        p.declared_unavailable("602401143452.dkr.ecr.us-west-2.amazonaws.com", "eks/pause") is None
+    )
 
 
 @pytest.mark.parametrize(
@@ -59,10 +61,16 @@ preferClusterRegion: true
         ("targets: []", "targets", []),
         ("targets: [{type: cloud}]", "targets[0].type", "cloud"),
         ("targets: [{type: region, region: nowhere}]", "targets[0].region", "nowhere"),
-        ("targets: [{type: official}, {type: mirror, registry: 'bad host'}]",
-         "targets[1].registry", "bad host"),
-        ("targets: [{type: mirror, registry: r.example, prefix: UPPER}]", "targets[0].prefix",
-         "UPPER"),
+        (
+            "targets: [{type: official}, {type: mirror, registry: 'bad host'}]",
+            "targets[1].registry",
+            "bad host",
+        ),
+        (
+            "targets: [{type: mirror, registry: r.example, prefix: UPPER}]",
+            "targets[0].prefix",
+            "UPPER",
+        ),
         ("repositories: eks/*", "repositories", "eks/*"),
         ("repositories: [eks/*, 3]", "repositories[1]", 3),
         ("exclude: {namespaces: [Bad_NS]}", "exclude.namespaces[0]", "Bad_NS"),

@@ -28,19 +28,29 @@ def cli() -> None:
 
 
 @cli.command("dry-run")
-@click.option("-f", "--filename", "files", multiple=True, required=True,
-              help="Manifest file, directory or - for stdin (repeatable). YAML or JSON.")
+@click.option(
+    "-f",
+    "--filename",
+    "files",
+    multiple=True,
+    required=True,
+    help="Manifest file, directory or - for stdin (repeatable). YAML or JSON.",
+)
 @click.option("--region", help="Cluster region (default: policy, then AWS_REGION).")
-@click.option("--policy", "policy_file", type=click.Path(dir_okay=False),
-              help="Policy YAML file (the ConfigMap content).")
+@click.option(
+    "--policy",
+    "policy_file",
+    type=click.Path(dir_okay=False),
+    help="Policy YAML file (the ConfigMap content).",
+)
 @click.option("-o", "--output", type=click.Choice(OUTPUTS), default="diff", show_default=True)
-def dry_run(files: tuple[str, ...], region: str | None, policy_file: str | None,
-            output: str) -> None:
+def dry_run(
+    files: tuple[str, ...], region: str | None, policy_file: str | None, output: str
+) -> None:
     """Show what the webhook would rewrite in manifests, without a cluster."""
     from webhook import dryrun
 
-    code = dryrun.run(list(files), region, policy_file, output, os.environ,
-                      click.get_text_stream("stdout"), click.get_text_stream("stderr"))
+    code = dryrun.run(list(files), region, policy_file, output, os.environ, sys.stdout, sys.stderr)
     sys.exit(code)
 
 
@@ -55,20 +65,44 @@ def dry_run(files: tuple[str, ...], region: str | None, policy_file: str | None,
 @click.option("--audit-log", default="-", show_default=True, help="Audit file, or - for stdout.")
 @click.option("--workers", type=int, default=2, show_default=True)
 @click.option("--threads", type=int, default=8, show_default=True)
-@click.option("--dev", is_flag=True,
-              help="Loopback certificate in certs/, serve on 127.0.0.1, print a webhook config.")
+@click.option(
+    "--dev",
+    is_flag=True,
+    help="Loopback certificate in certs/, serve on 127.0.0.1, print a webhook config.",
+)
 @click.option("-v", "--verbosity", type=int, default=0, help="Log verbosity (klog-style v).")
-def serve(host: str, port: int, metrics_port: int, cert_file: str, key_file: str,
-          policy_file: str | None, region: str | None, audit_log: str, workers: int,
-          threads: int, dev: bool, verbosity: int) -> None:
+def serve(
+    host: str,
+    port: int,
+    metrics_port: int,
+    cert_file: str,
+    key_file: str,
+    policy_file: str | None,
+    region: str | None,
+    audit_log: str,
+    workers: int,
+    threads: int,
+    dev: bool,
+    verbosity: int,
+) -> None:
     """Serve /mutate over TLS with gunicorn (metrics on a plain-HTTP port)."""
     from webhook.config import ServeConfig
     from webhook.server import run
 
-    config = ServeConfig(host=host, port=port, metrics_port=metrics_port, cert_file=cert_file,
-                         key_file=key_file, policy_file=policy_file, region=region,
-                         audit_log=audit_log, workers=workers, threads=threads, dev=dev,
-                         log_verbosity=verbosity)
+    config = ServeConfig(
+        host=host,
+        port=port,
+        metrics_port=metrics_port,
+        cert_file=cert_file,
+        key_file=key_file,
+        policy_file=policy_file,
+        region=region,
+        audit_log=audit_log,
+        workers=workers,
+        threads=threads,
+        dev=dev,
+        log_verbosity=verbosity,
+    )
     sys.exit(run(config))
 
 
@@ -84,8 +118,14 @@ def certs() -> None:
 @click.option("--dns", "dns", multiple=True, help="Extra DNS SAN (repeatable).")
 @click.option("--ip", "ips", multiple=True, help="IP SAN (repeatable).")
 @click.option("--days", type=int, default=365, show_default=True)
-def certs_generate(out_dir: str, service: str | None, namespace: str, dns: tuple[str, ...],
-                   ips: tuple[str, ...], days: int) -> None:
+def certs_generate(
+    out_dir: str,
+    service: str | None,
+    namespace: str,
+    dns: tuple[str, ...],
+    ips: tuple[str, ...],
+    days: int,
+) -> None:
     """Write ca.crt, tls.crt and tls.key (mode 0600), as in a kubernetes.io/tls Secret."""
     from webhook import certs as c
 
@@ -99,27 +139,56 @@ def certs_generate(out_dir: str, service: str | None, namespace: str, dns: tuple
 @click.option("--namespace", default="ecr-webhook", show_default=True)
 @click.option("--service", default="ecr-webhook", show_default=True)
 @click.option("--secret", default="ecr-webhook-tls", show_default=True)
-@click.option("--webhook", "webhook_name", default="ecr-webhook", show_default=True,
-              help="MutatingWebhookConfiguration whose caBundle is patched.")
-@click.option("--renew-before", default="720h", show_default=True,
-              help="Renew when the certificate expires within this duration.")
+@click.option(
+    "--webhook",
+    "webhook_name",
+    default="ecr-webhook",
+    show_default=True,
+    help="MutatingWebhookConfiguration whose caBundle is patched.",
+)
+@click.option(
+    "--renew-before",
+    default="720h",
+    show_default=True,
+    help="Renew when the certificate expires within this duration.",
+)
 @click.option("--days", type=int, default=365, show_default=True)
 @click.option("--kubeconfig", default=None, help="Kubeconfig (default: in-cluster config).")
-def certs_bootstrap(namespace: str, service: str, secret: str, webhook_name: str,
-                    renew_before: str, days: int, kubeconfig: str | None) -> None:
+def certs_bootstrap(
+    namespace: str,
+    service: str,
+    secret: str,
+    webhook_name: str,
+    renew_before: str,
+    days: int,
+    kubeconfig: str | None,
+) -> None:
     """Create or renew the TLS Secret and patch the caBundle (idempotent)."""
     from webhook.bootstrap import BootstrapOptions, run
 
-    sys.exit(run(BootstrapOptions(namespace=namespace, service=service, secret=secret,
-                                  webhook=webhook_name, renew_before=renew_before, days=days,
-                                  kubeconfig=kubeconfig)))
+    sys.exit(
+        run(
+            BootstrapOptions(
+                namespace=namespace,
+                service=service,
+                secret=secret,
+                webhook=webhook_name,
+                renew_before=renew_before,
+                days=days,
+                kubeconfig=kubeconfig,
+            )
+        )
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run the CLI and map project errors to one-line messages and exit codes."""
     try:
-        cli.main(args=list(argv) if argv is not None else None, prog_name="ecr-webhook",
-                 standalone_mode=False)
+        cli.main(
+            args=list(argv) if argv is not None else None,
+            prog_name="ecr-webhook",
+            standalone_mode=False,
+        )
     except EcrWebhookError as exc:
         click.echo(f"error: {exc}", err=True)
         return exc.exit_code

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ServeConfig:
-    host: str = "0.0.0.0"  # noqa: S104 - a webhook in a pod listens on the pod IP
+    host: str = "0.0.0.0"
     port: int = 8443
     metrics_port: int = 9090
     cert_file: str = "/etc/ecr-webhook/tls/tls.crt"
@@ -26,3 +26,7 @@ class ServeConfig:
     threads: int = 8
     dev: bool = False
     log_verbosity: int = 0
+    # Time the server may spend probing registries while answering one
+    # AdmissionReview.  The MutatingWebhookConfiguration's timeoutSeconds (5)
+    # must exceed it; tests/test_manifests.py keeps the two in step.
+    probe_budget_seconds: float = 2.0

@@ -22,7 +22,7 @@ import io
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from importlib import resources
 
 # Version of the shipped registry facts; bump when data/*.csv change.
@@ -68,10 +68,14 @@ _DUALSTACK_RE = re.compile(
 )
 
 
+_COMPILED = [(re.compile(p.region_regex), p) for p in _MATCH_ORDER]
+
+
+@cache
 def partition_of_region(region: str) -> Partition | None:
     """The partition a region name belongs to, by the SDK's region regexes."""
-    for p in _MATCH_ORDER:
-        if re.match(p.region_regex, region):
+    for rx, p in _COMPILED:
+        if rx.match(region):
             return p
     return None
 
@@ -121,6 +125,11 @@ def parse_host(host: str | None) -> EcrHost | None:
     """Parse an ECR registry host (no port); None when it is not one."""
     if not host:
         return None
+    return _parse_host(host)
+
+
+@lru_cache(maxsize=1024)
+def _parse_host(host: str) -> EcrHost | None:
     h = host.lower()
     m = _HOST_RE.match(h)
     dualstack = False

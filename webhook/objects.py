@@ -84,8 +84,11 @@ def pod_sites(
     namespace = meta.get("namespace")
     namespace = str(namespace) if namespace else default_namespace
     if kind == "Pod":
-        yield obj, PodSite(
-            obj, "Pod", namespace, _name(meta), "/spec", "/metadata", meta, obj.get("spec")
+        yield (
+            obj,
+            PodSite(
+                obj, "Pod", namespace, _name(meta), "/spec", "/metadata", meta, obj.get("spec")
+            ),
         )
         return
     pointer = TEMPLATE_POINTERS.get(str(kind))
@@ -95,13 +98,16 @@ def pod_sites(
     template = _get(obj, pointer)
     template = template if isinstance(template, Mapping) else {}
     tmeta = template.get("metadata")
-    yield obj, PodSite(
+    yield (
         obj,
-        str(kind),
-        namespace,
-        _name(meta),
-        pointer + "/spec",
-        pointer + "/metadata",
-        tmeta if isinstance(tmeta, Mapping) else None,
-        template.get("spec") if isinstance(template.get("spec"), Mapping) else None,
+        PodSite(
+            obj,
+            str(kind),
+            namespace,
+            _name(meta),
+            pointer + "/spec",
+            pointer + "/metadata",
+            tmeta if isinstance(tmeta, Mapping) else None,
+            template.get("spec") if isinstance(template.get("spec"), Mapping) else None,
+        ),
     )

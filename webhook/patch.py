@@ -48,8 +48,7 @@ def build_patch(
     if not rewrites:
         return []
     ops: list[PatchOp] = [
-        {"op": "replace", "path": f"{spec_pointer}/{d.path}", "value": d.target}
-        for d in rewrites
+        {"op": "replace", "path": f"{spec_pointer}/{d.path}", "value": d.target} for d in rewrites
     ]
     meta = _resolve(obj, meta_pointer)
     originals: dict[str, str] = {}
@@ -65,12 +64,18 @@ def build_patch(
         originals.setdefault(d.container, d.image)
     value = json.dumps(originals, sort_keys=True, separators=(",", ":"))
     if not isinstance(meta, Mapping):
-        ops.append({"op": "add", "path": meta_pointer, "value": {"annotations": {annotation: value}}})
+        ops.append(
+            {"op": "add", "path": meta_pointer, "value": {"annotations": {annotation: value}}}
+        )
     elif not isinstance(annotations, Mapping):
-        ops.append({"op": "add", "path": f"{meta_pointer}/annotations", "value": {annotation: value}})
+        ops.append(
+            {"op": "add", "path": f"{meta_pointer}/annotations", "value": {annotation: value}}
+        )
     else:
         op: Literal["add", "replace"] = "replace" if annotation in annotations else "add"
-        ops.append({"op": op, "path": f"{meta_pointer}/annotations/{escape(annotation)}", "value": value})
+        ops.append(
+            {"op": op, "path": f"{meta_pointer}/annotations/{escape(annotation)}", "value": value}
+        )
     return ops
 
 

@@ -24,7 +24,7 @@ without the planner changing.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -101,12 +101,16 @@ class StaticOracle:
     facts: ecr.EcrFacts
     policy: Policy
     cluster: Cluster
+    # Answers depend only on the reference: the planner may memoise them.
+    static: bool = True
 
     def check(self, ref: ImageRef) -> Verdict:
         entry = self.policy.declared_unavailable(ref.host, ref.path)
         if entry is not None:
             return Verdict(
-                Availability.UNAVAILABLE, Reason.REGISTRY_UNAVAILABLE, f"{entry} declared unavailable"
+                Availability.UNAVAILABLE,
+                Reason.REGISTRY_UNAVAILABLE,
+                f"{entry} declared unavailable",
             )
         h = ecr.parse_host(ref.host)
         if h is None or h.region_partition is None:
@@ -147,6 +151,9 @@ class PlanContext:
     cluster: Cluster
     oracle: Oracle
     facts: ecr.EcrFacts
+    # image -> judgement, used only when the oracle is static (its answers never
+    # change); bounded so a long-running server cannot grow it without limit.
+    memo: dict[str, Decision] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(
@@ -245,23 +252,41 @@ def _skip_set(annotations: object, key: str) -> frozenset[str]:
     return frozenset(n.strip() for n in value.split(",") if n.strip())
 
 
+MEMO_MAX = 4096
+
+
 def _decide(
     name: str, path: str, image: object, skip: frozenset[str], ctx: PlanContext
 ) -> Decision:
-    def keep(reason: Reason, detail: str, rule: str = "") -> Decision:
-        return Decision(name, path, str(image), Action.KEEP, reason, None, rule, detail)
-
     if not isinstance(image, str) or not image:
-        return keep(Reason.NOT_MANAGED, "no image")
+        return Decision(
+            name, path, str(image), Action.KEEP, Reason.NOT_MANAGED, None, "", "no image"
+        )
+    if name in skip or "*" in skip:
+        d = Decision(name, path, image, Action.KEEP, Reason.SKIP_ANNOTATION, None,
+                     ctx.policy.skip_annotation, "skipped by annotation")  # fmt: skip
+        return d
+    if not getattr(ctx.oracle, "static", False):
+        return _judge(name, path, image, ctx)
+    judged = ctx.memo.get(image)
+    if judged is None:
+        judged = _judge("", "", image, ctx)
+        if len(ctx.memo) >= MEMO_MAX:
+            ctx.memo.clear()
+        ctx.memo[image] = judged
+    return replace(judged, container=name, path=path)
+
+
+def _judge(name: str, path: str, image: str, ctx: PlanContext) -> Decision:
+    """The decision for one image, whatever container holds it."""
+
+    def keep(reason: Reason, detail: str, rule: str = "") -> Decision:
+        return Decision(name, path, image, Action.KEEP, reason, None, rule, detail)
+
     try:
         ref = parse(image)
     except InvalidReferenceError as exc:
-        return Decision(
-            name, path, image, Action.WARN, Reason.INVALID_REFERENCE, None, "", exc.why
-        )
-    if name in skip or "*" in skip:
-        return keep(Reason.SKIP_ANNOTATION, "skipped by annotation", ctx.policy.skip_annotation)
-
+        return Decision(name, path, image, Action.WARN, Reason.INVALID_REFERENCE, None, "", exc.why)
     policy = ctx.policy
     mirror = next((m for m in policy.mirrors if m.holds(ref.host, ref.path)), None)
     upstream = mirror.strip(ref.path) if mirror else ref.path

@@ -18,7 +18,8 @@ Example (all keys optional)::
       podLabel: ecr-webhook.io/skip
       containerAnnotation: ecr-webhook.io/skip-containers
     targets:
-      - {type: mirror, registry: 111122223333.dkr.ecr.eu-central-1.amazonaws.com, prefix: eks-mirror}
+      - {type: mirror, registry: 111122223333.dkr.ecr.eu-central-1.amazonaws.com,
+         prefix: eks-mirror}
       - {type: official}              # the official registry of the cluster's region
       - {type: region, region: eu-west-1}
     unavailable: [602401143452.dkr.ecr.us-east-1.amazonaws.com]
@@ -69,7 +70,9 @@ _QUALIFIED_NAME = re.compile(
 )
 _NAMESPACE = re.compile(r"^[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?$")
 _REGISTRY = re.compile(r"^[a-zA-Z0-9.-]+(?::[0-9]+)?$")
-_PREFIX = re.compile(r"^[a-z0-9]+(?:(?:[_.]|__|[-]+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[_.]|__|[-]+)[a-z0-9]+)*)*$")
+_PREFIX = re.compile(
+    r"^[a-z0-9]+(?:(?:[_.]|__|[-]+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[_.]|__|[-]+)[a-z0-9]+)*)*$"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +174,10 @@ def _region(value: object, field_: str, src: str, facts: ecr.EcrFacts) -> str:
         raise _fail(field_, value, "not an AWS region name (e.g. us-west-2)", src)
     if value not in facts.regions:
         raise _fail(
-            field_, value, "no EKS registry is known for this region (see data/ecr_accounts.csv)", src
+            field_,
+            value,
+            "no EKS registry is known for this region (see data/ecr_accounts.csv)",
+            src,
         )
     return value
 
