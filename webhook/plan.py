@@ -188,10 +188,30 @@ class Decision:
 
     @property
     def message(self) -> str:
-        """A one-line human message (the server truncates it to 120 characters)."""
+        """A one-line human message, for reports and logs."""
         if self.action is Action.REWRITE:
             return f"image of container {self.container} rewritten to {self.target} ({self.detail})"
+        if self.action is Action.WARN:
+            return f"image of container {self.container} not rewritten: {self.detail}"
         return f"image of container {self.container} kept: {self.detail}"
+
+    def short_message(self, limit: int = 120) -> str:
+        """``message`` within ``limit`` characters, keeping the reason readable.
+
+        kubectl shows admission warnings verbatim; when the full target does not
+        fit, name only its registry host (the path, tag and digest are unchanged
+        by construction), and only then cut.
+        """
+        text = self.message
+        if len(text) > limit and self.action is Action.REWRITE and self.target:
+            host = self.target.split("/", 1)[0]
+            for short in (
+                f"image of container {self.container} rewritten to {host}/… ({self.detail})",
+                f"container {self.container}: image moved to {host} ({self.detail})",
+            ):
+                if len(short) <= limit:
+                    return short
+        return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dataclass(frozen=True)

@@ -174,7 +174,7 @@ def admit(body: object, ctx: PlanContext) -> Outcome:
     if plan.skipped:
         return Outcome(response(api_version, uid), "skipped", request, plan, skipped=plan.skipped)
     patch = tuple(build_patch(pod, plan))
-    warnings = tuple(d.message for d in plan.rewrites + plan.warnings)
+    warnings = tuple(d.short_message(MAX_WARNING) for d in plan.rewrites + plan.warnings)
     decision: Decision = "patched" if patch else "unchanged"
     return Outcome(
         response(api_version, uid, patch, warnings), decision, request, plan, patch, warnings

@@ -1,0 +1,122 @@
+"""The pure AdmissionReview envelope: echo, scope, patch encoding, warnings."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import pytest
+
+from webhook.errors import ReviewError
+from webhook.plan import PlanContext
+from webhook.policy import Policy
+from webhook.review import admit, fail_open
+
+CTX = PlanContext.build(Policy(), "ap-southeast-4")
+BAD = "602401143452.dkr.ecr.ap-southeast-4.amazonaws.com/amazon-k8s-cni:v1.19.4"
+LONG = "602401143452.dkr.ecr.ap-southeast-4.amazonaws.com/amazon/aws-network-policy-agent:v1.2.0"
+
+
+def review(
+    api: str = "admission.k8s.io/v1",
+    op: str = "CREATE",
+    sub: str = "",
+    images: tuple[str, ...] = (BAD,),
+    resource: str = "pods",
+) -> dict[str, Any]:
+    return {
+        "apiVersion": api, "kind": "AdmissionReview",
+        "request": {
+            "uid": "4f1c-uid", "operation": op, "subResource": sub, "namespace": "kube-system",
+            "resource": {"group": "", "version": "v1", "resource": resource},
+            "object": {"apiVersion": "v1", "kind": "Pod", "metadata": {"generateName": "aws-node-"},
+                       "spec": {"containers": [{"name": f"c{i}", "image": im}
+                                               for i, im in enumerate(images)],
+                                "ephemeralContainers": [{"name": "dbg", "image": BAD}]}},
+        },
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("api", ["admission.k8s.io/v1", "admission.k8s.io/v1beta1"])
+def test_echo_api_version_kind_uid(api: str) -> None:
+    out = admit(review(api), CTX).review
+    assert out["apiVersion"] == api and out["kind"] == "AdmissionReview"
+    assert out["response"]["uid"] == "4f1c-uid" and out["response"]["allowed"] is True
+
+
+def test_patch_is_base64_json_patch() -> None:
+    outcome = admit(review(), CTX)
+    resp = outcome.review["response"]
+    assert resp["patchType"] == "JSONPatch"
+    ops = json.loads(base64.b64decode(resp["patch"]))
+    assert [o["path"] for o in ops][:2] == [
+        "/spec/containers/0/image",
+        "/spec/ephemeralContainers/0/image",
+    ]
+    assert outcome.decision == "patched"
+
+
+def test_no_change_no_patch_field() -> None:
+    # the ephemeral container of the fixture would be rewritten on CREATE: drop it
+    body = review(images=("nginx:1.27",))
+    body["request"]["object"]["spec"].pop("ephemeralContainers")
+    outcome = admit(body, CTX)
+    assert "patch" not in outcome.review["response"]
+    assert "patchType" not in outcome.review["response"]
+    assert outcome.decision == "unchanged"
+
+
+def test_warnings_are_short_and_name_the_reason() -> None:
+    resp = admit(review(images=(BAD, LONG)), CTX).review["response"]
+    assert len(resp["warnings"]) == 3
+    for w in resp["warnings"]:
+        assert len(w) <= 120
+        assert "wrong account for ap-southeast-4" in w
+
+
+def test_ephemeral_update_touches_only_ephemeral_containers() -> None:
+    outcome = admit(review(op="UPDATE", sub="ephemeralcontainers"), CTX)
+    ops = json.loads(base64.b64decode(outcome.review["response"]["patch"]))
+    assert [o["path"] for o in ops if o["op"] == "replace"] == ["/spec/ephemeralContainers/0/image"]
+
+
+@pytest.mark.parametrize(
+    ("op", "sub", "resource"),
+    [
+        ("UPDATE", "", "pods"),
+        ("DELETE", "", "pods"),
+        ("CREATE", "binding", "pods"),
+        ("CREATE", "", "deployments"),
+        ("UPDATE", "status", "pods"),
+    ],
+)
+def test_out_of_scope_is_allowed_untouched(op: str, sub: str, resource: str) -> None:
+    outcome = admit(review(op=op, sub=sub, resource=resource), CTX)
+    assert outcome.decision == "skipped"
+    assert outcome.review["response"] == {"uid": "4f1c-uid", "allowed": True}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        None,
+        [],
+        {"apiVersion": "admission.k8s.io/v2", "kind": "AdmissionReview", "request": {}},
+        {"apiVersion": "admission.k8s.io/v1", "kind": "Pod", "request": {"uid": "x"}},
+        {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"},
+        {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {"uid": ""}},
+    ],
+)
+def test_malformed_envelope_raises_review_error(body: object) -> None:
+    with pytest.raises(ReviewError):
+        admit(body, CTX)
+
+
+def test_fail_open_answer() -> None:
+    outcome = fail_open(review("admission.k8s.io/v1beta1"), RuntimeError("boom"))
+    resp = outcome.review["response"]
+    assert outcome.review["apiVersion"] == "admission.k8s.io/v1beta1"
+    assert resp["allowed"] is True and "patch" not in resp
+    assert resp["warnings"] and "internal error" in resp["warnings"][0]
+    assert outcome.decision == "error" and outcome.error == "RuntimeError: boom"
