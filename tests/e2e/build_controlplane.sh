@@ -62,7 +62,8 @@ if [[ -z "$GO" ]]; then
 	log "no Go toolchain found: put go on PATH or set GO=/path/to/go"
 	exit 1
 fi
-log "using $("$GO" version)"
+go_version="$("$GO" version)" || { log "'$GO version' failed"; exit 1; }
+log "using $go_version"
 log "building kube-apiserver + kubectl ${k8s_version}, etcd ${etcd_version} into $out"
 
 # Build into a scratch directory next to the target and rename at the end, so an

@@ -13,13 +13,10 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from controlplane import Binaries, BuildError, ControlPlane, build_binaries
+from tests.e2e.controlplane import Binaries, BuildError, ControlPlane, build_binaries
 
 _BUILD = pytest.StashKey[Binaries | BuildError]()
 

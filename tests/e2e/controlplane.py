@@ -290,9 +290,13 @@ if sys.platform.startswith("linux"):
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    """preexec_fn: have Linux SIGTERM the child if the launching thread dies."""
+    """preexec_fn: have Linux SIGKILL the child if the launching thread dies.
+
+    SIGKILL, not SIGTERM: both children would get it at once, and a
+    kube-apiserver whose etcd is gone hangs in its graceful shutdown.
+    """
     if _LIBC is not None:
-        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        _LIBC.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -351,7 +355,7 @@ class ControlPlane:
     temporary directory. Also usable as a context manager.
 
     Arguments:
-        kubeconfig: where to write the admin kubeconfig (default: in the temp dir).
+        kubeconfig_path: where to write the admin kubeconfig (default: in the temp dir).
             Written by ``start()``, removed by ``stop()``.
         log_dir: where ``etcd.log`` and ``kube-apiserver.log`` go (default: in the
             temp dir, i.e. removed by ``stop()``); give one to keep the logs.
@@ -500,15 +504,21 @@ class ControlPlane:
             preexec_fn=_die_with_parent,  # noqa: PLW1509
         )
 
-    def _wait(self, what: str, ready: Iterator[bool], deadline: float) -> None:
+    def _wait(
+        self, name: str, proc: subprocess.Popen[bytes], log: Path, ready: Iterator[bool]
+    ) -> None:
+        deadline = time.monotonic() + self.start_timeout
         for ok in ready:
             if ok:
                 return
-            self.check_running()
-            if time.monotonic() > deadline:
-                log = self.apiserver_log if self._apiserver else self.etcd_log
+            if proc.poll() is not None:
                 raise ControlPlaneError(
-                    f"{what} not ready after {self.start_timeout:.0f}s; last log lines of "
+                    f"{name} exited with code {proc.returncode} during start-up; last log "
+                    f"lines of {log}:\n{_tail(log)}"
+                )
+            if time.monotonic() > deadline:
+                raise ControlPlaneError(
+                    f"{name} not ready after {self.start_timeout:.0f}s; last log lines of "
                     f"{log}:\n{_tail(log)}"
                 )
             time.sleep(0.2)
@@ -544,7 +554,7 @@ class ControlPlane:
                 except (OSError, ValueError):
                     yield False
 
-        self._wait("etcd", healthy(), time.monotonic() + self.start_timeout)
+        self._wait("etcd", self._etcd, self.etcd_log, healthy())
 
     def _start_apiserver(self) -> None:
         assert self.binaries is not None
@@ -601,6 +611,10 @@ class ControlPlane:
             "--enable-admission-plugins=MutatingAdmissionWebhook,ValidatingAdmissionWebhook",
             f"--disable-admission-plugins={','.join(self.disable_admission_plugins)}",
             "--allow-privileged=true",
+            # kube-apiserver refuses a loopback --advertise-address with the
+            # default "lease" reconciler of the `kubernetes` Service endpoints;
+            # nothing here routes to that Service, so do not maintain them.
+            "--endpoint-reconciler-type=none",
             *self.extra_apiserver_args,
         ]
         self._apiserver = self._spawn(argv, self.apiserver_log)
@@ -620,7 +634,7 @@ class ControlPlane:
                 except OSError:
                     yield False
 
-        self._wait("kube-apiserver", ready(), time.monotonic() + self.start_timeout)
+        self._wait("kube-apiserver", self._apiserver, self.apiserver_log, ready())
         _write(
             self.kubeconfig,
             _kubeconfig_yaml(self.server, ca.cert_pem, admin_cert, admin_key).encode(),

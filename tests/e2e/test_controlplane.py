@@ -12,8 +12,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from controlplane import HERE, Binaries, ControlPlane
 from kubernetes import client, config
+
+from tests.e2e.controlplane import HERE, Binaries, ControlPlane
 
 pytestmark = pytest.mark.e2e
 
