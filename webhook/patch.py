@@ -34,7 +34,7 @@ def build_patch(
     plan: PodPlan,
     spec_pointer: str = "/spec",
     meta_pointer: str = "/metadata",
-    annotation: str = ORIGINALS_ANNOTATION,
+    annotation: str | None = ORIGINALS_ANNOTATION,
 ) -> list[PatchOp]:
     """The patch that applies ``plan`` to ``obj``; ``[]`` when nothing changes.
 
@@ -42,7 +42,8 @@ def build_patch(
     carries the annotation inside ``obj`` (``/spec/template/spec`` and
     ``/spec/template/metadata`` for a Deployment).  An existing originals
     annotation is merged, keeping the earliest original of each container, so a
-    reinvocation or an ephemeral-container update never loses history.
+    reinvocation never loses history.  ``annotation=None`` emits the image
+    operations only.
     """
     rewrites = plan.rewrites
     if not rewrites:
@@ -50,6 +51,8 @@ def build_patch(
     ops: list[PatchOp] = [
         {"op": "replace", "path": f"{spec_pointer}/{d.path}", "value": d.target} for d in rewrites
     ]
+    if annotation is None:
+        return ops
     meta = _resolve(obj, meta_pointer)
     originals: dict[str, str] = {}
     annotations = meta.get("annotations") if isinstance(meta, Mapping) else None

@@ -32,6 +32,7 @@ from typing import Any, Literal, NotRequired, TypedDict
 from webhook.errors import ReviewError
 from webhook.patch import PatchOp, build_patch
 from webhook.plan import CONTAINER_KINDS, PlanContext, PodPlan, plan_pod
+from webhook.policy import ORIGINALS_ANNOTATION
 
 API_VERSIONS = ("admission.k8s.io/v1", "admission.k8s.io/v1beta1")
 MAX_WARNING = 120
@@ -173,7 +174,13 @@ def admit(body: object, ctx: PlanContext) -> Outcome:
     plan = plan_pod(meta, pod.get("spec"), namespace, ctx, kinds)
     if plan.skipped:
         return Outcome(response(api_version, uid), "skipped", request, plan, skipped=plan.skipped)
-    patch = tuple(build_patch(pod, plan))
+    # Through pods/ephemeralcontainers the apiserver keeps only
+    # spec.ephemeralContainers of the patched object (the subresource's update
+    # strategy drops every other change, annotations included, without an error;
+    # seen against kube-apiserver v1.37 in tests/e2e/test_webhook.py).  So only the
+    # image operations are sent there, and the audit record keeps the originals.
+    ephemeral = request.get("subResource") == "ephemeralcontainers"
+    patch = tuple(build_patch(pod, plan, annotation=None if ephemeral else ORIGINALS_ANNOTATION))
     warnings = tuple(d.short_message(MAX_WARNING) for d in plan.rewrites + plan.warnings)
     decision: Decision = "patched" if patch else "unchanged"
     return Outcome(
