@@ -1,0 +1,260 @@
+"""The Flask application: ``create_app(config)``.  A shell module.
+
+The view is thin (STYLE.md habit 1): it decodes the body, calls the pure
+``review.admit``, records (metrics, audit, log) and encodes.  Every exception
+is mapped to an answer in exactly one place, ``_map_exception``:
+
+=================================  =====  ============================================
+what went wrong                    HTTP   answer
+=================================  =====  ============================================
+Content-Type not application/json  415    a Kubernetes ``Status`` naming the type
+body over 7 MiB                    413    a ``Status``
+not JSON / not an AdmissionReview  400    a ``Status`` saying what is wrong
+(``ReviewError``: no uid, unknown
+apiVersion, ...)
+anything else (a bug, a failing    200    ``review.fail_open``: allowed, no patch, one
+oracle, ...)                              warning; counted, logged and audited
+=================================  =====  ============================================
+
+So the webhook never answers 5xx and a worker never dies of a request: the
+kube-apiserver applies ``failurePolicy`` only when a webhook does not answer,
+and an internal error must not block a pod.
+
+``/healthz`` (liveness) and ``/readyz`` (readiness: a policy is loaded and the
+serving certificate is loaded and unexpired) are served on the TLS port too,
+where the kubelet probes them with ``scheme: HTTPS``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from webhook import review
+from webhook.audit import build_record
+from webhook.auditlog import AuditLog, AuditSink
+from webhook.config import ServeConfig
+from webhook.errors import ReviewError
+from webhook.logs import Log
+from webhook.metrics import Metrics
+from webhook.plan import Oracle, PlanContext
+from webhook.reload import CertificateHolder, PolicyHolder, policy_error_text
+
+# The kube-apiserver refuses request bodies over 3 MiB (apiserver
+# maxRequestBodyBytes default); an AdmissionReview can carry both object and
+# oldObject plus its envelope, so 7 MiB bounds every genuine review.
+MAX_BODY = 7 * 1024 * 1024
+# An oversized body up to this size is read and discarded before the 413, so
+# the client, still sending, gets the answer instead of a reset connection
+# (gunicorn drains at most 64 KiB of an unread body, then closes).
+DRAIN_LIMIT = 2 * MAX_BODY
+JSON = "application/json"
+
+Admit = Callable[[object, PlanContext], review.Outcome]
+
+
+class BodyProblem(Exception):
+    """The HTTP request cannot carry an AdmissionReview (415, 413, 400)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    document: Mapping[str, Any]
+    outcome: review.Outcome | None = None
+
+
+_REASONS = {400: "BadRequest", 413: "RequestEntityTooLarge", 415: "UnsupportedMediaType"}
+
+
+def status_document(code: int, message: str) -> dict[str, Any]:
+    """A Kubernetes ``Status`` for a rejected request (what the apiserver logs)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Status",
+        "status": "Failure",
+        "message": message,
+        "reason": _REASONS.get(code, "BadRequest"),
+        "code": code,
+    }
+
+
+def decode() -> object:
+    """The JSON body of the current request.  Raises BodyProblem."""
+    if request.mimetype != JSON:
+        shown = request.content_type or "(none)"
+        raise BodyProblem(415, f"Content-Type must be {JSON}, got {shown}")
+    length = request.content_length
+    if length is not None and length > MAX_BODY:
+        if length <= DRAIN_LIMIT:
+            _discard(request.environ["wsgi.input"], length)
+        raise BodyProblem(413, f"body of {length} bytes is over the limit of {MAX_BODY}")
+    raw = request.get_data(cache=False)
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise BodyProblem(400, f"the body is not valid JSON: {exc}") from None
+
+
+def _discard(stream: Any, length: int) -> None:
+    while length > 0:
+        chunk = stream.read(min(length, 64 * 1024))
+        if not chunk:
+            return
+        length -= len(chunk)
+
+
+def _map_exception(body: object, exc: Exception) -> Answer:
+    """The one place where an exception becomes an HTTP answer (see the module doc)."""
+    if isinstance(exc, BodyProblem):
+        return Answer(exc.status, status_document(exc.status, exc.message))
+    if isinstance(exc, RequestEntityTooLarge):
+        return Answer(413, status_document(413, f"body is over {MAX_BODY} bytes"))
+    if isinstance(exc, ReviewError):
+        return Answer(400, status_document(400, str(exc)))
+    if isinstance(exc, HTTPException) and exc.code is not None and 400 <= exc.code < 500:
+        return Answer(exc.code, status_document(exc.code, exc.description or exc.name))
+    try:
+        outcome = review.fail_open(body, exc)
+    except ReviewError as envelope:  # the body never was an AdmissionReview
+        return Answer(400, status_document(400, str(envelope)))
+    return Answer(200, outcome.review, outcome)
+
+
+def create_app(
+    config: ServeConfig,
+    *,
+    audit: AuditSink | None = None,
+    metrics: Metrics | None = None,
+    log: Log | None = None,
+    oracle: Oracle | None = None,
+    certificate: CertificateHolder | None = None,
+    env: Mapping[str, str] | None = None,
+    admit: Admit = review.admit,
+    clock: Callable[[], float] = time.time,
+) -> Flask:
+    """Build the app from an immutable config (STYLE.md habit 8).
+
+    Collaborators are injectable for tests and for the launcher: ``audit`` (by
+    default an ``AuditLog`` on ``config.audit_log``), ``metrics``, ``log``,
+    ``oracle`` (passed to the planner; a test injects a failing one),
+    ``certificate`` (the launcher shares its reloading holder so /readyz sees
+    what TLS serves), ``env`` (AWS_REGION), ``admit`` and ``clock``.
+
+    Raises EcrWebhookError when the initial policy is invalid: there is no last
+    good policy to fall back on.
+    """
+    log = log or Log(verbosity=config.log_verbosity)
+    metrics = metrics or Metrics()
+    if audit is None:
+        audit = AuditLog(config.audit_log, max_bytes=config.audit_max_bytes,
+                         backups=config.audit_backups)  # fmt: skip
+
+    def policy_reloaded(result: str, error: BaseException | None) -> None:
+        metrics.policy_reloads.labels(result).inc()
+        if error is None:
+            log.info("policy reloaded", source=config.policy_file)
+        else:
+            metrics.errors.labels("policy").inc()
+            log.error("policy rejected, keeping the last good policy",
+                      err=policy_error_text(error), source=config.policy_file)  # fmt: skip
+
+    def certificate_reloaded(result: str, error: BaseException | None) -> None:
+        if error is None:
+            log.info("serving certificate reloaded", certFile=config.cert_file)
+        else:
+            metrics.errors.labels("certificate").inc()
+            log.error("serving certificate rejected, keeping the previous one", err=error,
+                      certFile=config.cert_file)  # fmt: skip
+
+    policy = PolicyHolder(config.policy_file, config.region, os.environ if env is None else env,
+                          oracle=oracle, on_reload=policy_reloaded)  # fmt: skip
+    if certificate is None:
+        certificate = CertificateHolder(config.cert_file, config.key_file)
+    if certificate.on_reload is None:
+        # The launcher builds the holder before forking (to fail fast on a bad
+        # pair); each worker's copy reports its reloads to this worker's metrics.
+        certificate.on_reload = certificate_reloaded
+
+    app = Flask("webhook")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    app.extensions["ecr_webhook"] = {
+        "metrics": metrics, "audit": audit, "policy": policy, "certificate": certificate,
+    }  # fmt: skip
+
+    def answer() -> Answer:
+        body: object = None
+        try:
+            body = decode()
+            return Answer(200, {}, admit(body, policy.context()))
+        except Exception as exc:  # mapped in one place, never re-raised
+            return _map_exception(body, exc)
+
+    def record(ans: Answer, received: float, seconds: float) -> None:
+        outcome = ans.outcome
+        metrics.observe(ans.status, outcome.decision if outcome else "rejected", seconds)
+        if outcome is None:
+            log.info("request rejected", v=1, code=ans.status,
+                     reason=ans.document.get("message", ""))  # fmt: skip
+            return
+        uid = outcome.request.get("uid")
+        metrics.rewritten((str(d.reason), d.target) for d in outcome.plan.rewrites if d.target)
+        if outcome.decision == "error":
+            metrics.errors.labels("admit").inc()
+            log.error("internal error, pod admitted unchanged", err=outcome.error, uid=uid)
+        try:
+            audit.write(build_record(outcome, received, clock()))
+        except Exception as exc:  # a lost record is counted and logged
+            metrics.errors.labels("audit").inc()
+            log.error("audit record not written", err=exc, uid=uid)
+        if log.enabled(2):
+            log.info("admission", v=2, uid=uid, decision=outcome.decision,
+                     operation=outcome.request.get("operation"),
+                     namespace=outcome.request.get("namespace"))  # fmt: skip
+
+    @app.post("/mutate")
+    def mutate() -> Response:
+        received = clock()
+        started = time.perf_counter()
+        metrics.in_flight.inc()
+        try:
+            ans = answer()
+            document = ans.outcome.review if ans.outcome is not None else ans.document
+            payload = json.dumps(document, separators=(",", ":"))
+            try:
+                record(ans, received, time.perf_counter() - started)
+            except Exception as exc:  # recording never fails an answer
+                metrics.errors.labels("record").inc()
+                log.error("recording the admission failed", err=exc)
+        finally:
+            metrics.in_flight.dec()
+        return Response(payload, status=ans.status, mimetype=JSON)
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return Response("ok\n", mimetype="text/plain")
+
+    @app.get("/readyz")
+    def readyz() -> Response:
+        problems = [] if policy.loaded else ["no policy loaded"]
+        cert_problem = certificate.problem()
+        if cert_problem:
+            problems.append(cert_problem)
+        if problems:
+            return Response("not ready: " + "; ".join(problems) + "\n", status=503,
+                            mimetype="text/plain")  # fmt: skip
+        return Response("ok\n", mimetype="text/plain")
+
+    return app

@@ -1,0 +1,197 @@
+"""Writing audit records: one JSON line per admission.  A shell module.
+
+The records themselves are built by the pure ``webhook.audit``; this module
+only puts them somewhere, with two guarantees that hold across gunicorn worker
+processes and their threads:
+
+* **No record is lost**, so the number of records equals the number of
+  admissions answered.  A failed write raises, and the caller counts it.
+* **No record is interleaved with another.**  Each record is encoded first
+  and written with a single ``write(2)``:
+
+  - to a regular file opened with ``O_APPEND``, Linux positions and writes
+    each ``write`` atomically (the inode lock is held for the whole call), so
+    concurrent records from any number of processes never mix;
+  - to a pipe (stdout in a container), POSIX makes a write of at most
+    ``PIPE_BUF`` bytes (4096 on Linux, pipe(7)) atomic.  A longer record (a pod
+    with many containers) is written under a lock instead: a thread lock plus
+    an ``fcntl.flock`` on a lock file shared by the workers.
+
+  Holding a lock on the common path would be correct too, but slow: a thread
+  woken from ``flock`` must then wait for the GIL (up to the 5 ms switch
+  interval) while still holding the lock, and every other writer of every
+  worker queues behind it (measured with hey: 1100 instead of 3800 requests
+  per second with a lock around every write).
+
+Targets:
+
+* ``-``: standard output (the container log), which then carries nothing but
+  audit records; operational logs go to stderr.
+* a file path: appended to, and rotated by size like ``RotatingFileHandler``
+  (``file`` -> ``file.1`` -> ... -> ``file.N``, the oldest dropped).  One
+  worker rotates at a time (``flock`` on ``<file>.lock``, non-blocking: a
+  worker that finds a rotation under way just goes on).  Before each write a
+  writer checks that its descriptor still names the file at the path and
+  reopens it if another worker rotated; a record that races a rotation lands
+  at the end of ``file.1``, where it is kept, never lost.  As with
+  ``RotatingFileHandler``, ``max_bytes`` or ``backups`` of 0 disables rotation.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import select
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+STDOUT = "-"
+PIPE_BUF = getattr(select, "PIPE_BUF", 4096)
+
+
+class AuditSink(Protocol):
+    def write(self, record: Mapping[str, Any]) -> None: ...
+
+
+def encode(record: Mapping[str, Any]) -> bytes:
+    """One record as one line of compact JSON (no newline inside: JSON escapes it)."""
+    return json.dumps(record, separators=(",", ":"), default=str).encode() + b"\n"
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+class AuditLog:
+    """An audit sink writing to stdout or to a size-rotated file.
+
+    ``lock_file`` is the inter-process lock; for a file target it defaults to
+    ``<path>.lock``.  For stdout the launcher passes a lock file in its runtime
+    directory; without one (a single process, as in tests) only the thread lock
+    is used.
+    """
+
+    def __init__(
+        self,
+        target: str = STDOUT,
+        *,
+        max_bytes: int = 100 * 1024 * 1024,
+        backups: int = 5,
+        lock_file: str | None = None,
+    ) -> None:
+        self.target = target
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self._thread_lock = threading.Lock()
+        self._fd: int | None = None
+        self._ino: int | None = None
+        self._stale: list[int] = []
+        if lock_file is None and target != STDOUT:
+            lock_file = target + ".lock"
+        self._lock_fd = (
+            os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            if lock_file is not None
+            else None
+        )
+
+    @property
+    def rotates(self) -> bool:
+        return self.target != STDOUT and self.max_bytes > 0 and self.backups > 0
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        """Write one record.  Raises OSError when it cannot be written."""
+        data = encode(record)
+        if self.target == STDOUT:
+            if len(data) <= PIPE_BUF:
+                _write_all(1, data)  # one atomic write: no lock needed
+            else:
+                with self._locked():
+                    _write_all(1, data)
+            return
+        fd = self._current_fd()
+        _write_all(fd, data)
+        if self.rotates and os.fstat(fd).st_size >= self.max_bytes:
+            self._rotate()
+
+    @contextmanager
+    def _locked(self, blocking: bool = True) -> Iterator[bool]:
+        """Hold the thread lock and the inter-process lock; yields whether it got them."""
+        if not self._thread_lock.acquire(blocking):
+            yield False
+            return
+        try:
+            if self._lock_fd is not None:
+                try:
+                    fcntl.flock(self._lock_fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+                except BlockingIOError:
+                    yield False
+                    return
+            try:
+                yield True
+            finally:
+                if self._lock_fd is not None:
+                    fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        finally:
+            self._thread_lock.release()
+
+    def _current_fd(self) -> int:
+        """The descriptor of the file now at ``target``, reopened after a rotation."""
+        fd, ino = self._fd, self._ino
+        if fd is not None:
+            try:
+                if os.stat(self.target).st_ino == ino:
+                    return fd
+            except FileNotFoundError:
+                pass
+        with self._thread_lock:
+            if self._fd is not fd and self._fd is not None:
+                return self._fd  # another thread reopened it already
+            new = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                          0o640)  # fmt: skip
+            self._fd, self._ino = new, os.fstat(new).st_ino
+            # The old descriptor stays open a while: another thread may be
+            # writing through it right now.  Only the last few are kept.
+            if fd is not None:
+                self._stale.append(fd)
+                while len(self._stale) > 4:
+                    os.close(self._stale.pop(0))
+            return new
+
+    def _rotate(self) -> None:
+        with self._locked(blocking=False) as got:
+            if not got:
+                return  # another thread or worker is rotating
+            try:
+                if os.stat(self.target).st_size < self.max_bytes:
+                    return  # rotated already by another worker
+            except FileNotFoundError:
+                return
+            # Shift only the backups that exist (file.1 .. file.n-1), quickly:
+            # writers keep appending to the full file until the last rename.
+            n = 1
+            while n <= self.backups and os.path.exists(f"{self.target}.{n}"):
+                n += 1
+            for i in range(min(n, self.backups) - 1, 0, -1):
+                os.replace(f"{self.target}.{i}", f"{self.target}.{i + 1}")
+            os.replace(self.target, f"{self.target}.1")
+
+    def close(self) -> None:
+        with self._thread_lock:
+            for fd in (self._fd, self._lock_fd, *self._stale):
+                if fd is not None:
+                    os.close(fd)
+            self._fd = self._lock_fd = None
+            self._stale.clear()
+
+    def files(self) -> list[str]:
+        """The current file and its backups, newest first (for tests and tools)."""
+        if self.target == STDOUT:
+            return []
+        names = [self.target] + [f"{self.target}.{i}" for i in range(1, self.backups + 1)]
+        return [n for n in names if os.path.exists(n)]

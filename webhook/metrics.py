@@ -1,0 +1,171 @@
+"""Prometheus metrics of the admission server.  A shell module.
+
+Names follow the controller-runtime webhook shape under the ``ecr_webhook_``
+prefix (STYLE.md habit 10).  Labels are bounded: no pod, namespace or user
+label ever; ``registry`` is the host of a rewrite target, which the policy
+bounds (its mirrors plus the official registries).
+
+==========================================  =========  ====================================
+name                                        type       labels
+==========================================  =========  ====================================
+ecr_webhook_requests_total                  counter    code, result (patched, unchanged,
+                                                       skipped, error, rejected)
+ecr_webhook_request_duration_seconds        histogram  -
+ecr_webhook_requests_in_flight              gauge      -
+ecr_webhook_rewrites_total                  counter    reason, registry
+ecr_webhook_policy_reloads_total            counter    result (success, failure)
+ecr_webhook_errors_total                    counter    stage (admit, audit, record, policy,
+                                                       certificate)
+ecr_webhook_build_info                      gauge      version
+ecr_webhook_probes_total                    counter    result (available, unavailable,
+                                                       unknown, error)
+==========================================  =========  ====================================
+
+Across gunicorn workers the values are correct through prometheus_client's
+multiprocess mode: each worker writes its values to memory-mapped files in
+``PROMETHEUS_MULTIPROC_DIR`` and a scrape, answered by any worker, adds up the
+files of all workers (``exposition``).  The launcher sets the variable before
+prometheus_client creates any value (``webhook.server``).  Without the variable
+(tests, one process) the metrics live in the registry given to ``Metrics``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as _multiprocess
+
+from webhook import __version__
+
+PREFIX = "ecr_webhook"
+RESULTS = ("patched", "unchanged", "skipped", "error", "rejected")
+ERROR_STAGES = ("admit", "audit", "record", "policy", "certificate")
+PROBE_RESULTS = ("available", "unavailable", "unknown", "error")
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Admission latency: the kube-apiserver's default webhook timeout is 10 s
+# (admissionregistration.k8s.io/v1 timeoutSeconds, max 30); the buckets resolve
+# the sub-millisecond answers of a healthy webhook and reach that timeout.
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+class Metrics:
+    """All metrics of one server, registered in ``registry`` (a fresh one by default).
+
+    A fresh registry per app keeps several apps in one test process apart; in
+    multiprocess mode the registry only matters for the names, the values are
+    in the shared directory.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            f"{PREFIX}_requests", "Admission requests answered, by HTTP code and result.",
+            ["code", "result"], registry=r,
+        )  # fmt: skip
+        self.duration = Histogram(
+            f"{PREFIX}_request_duration_seconds", "Time to answer an admission request.",
+            registry=r, buckets=BUCKETS,
+        )  # fmt: skip
+        self.in_flight = Gauge(
+            f"{PREFIX}_requests_in_flight", "Admission requests being answered.",
+            registry=r, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.rewrites = Counter(
+            f"{PREFIX}_rewrites", "Image references rewritten, by reason and target registry.",
+            ["reason", "registry"], registry=r,
+        )  # fmt: skip
+        self.policy_reloads = Counter(
+            f"{PREFIX}_policy_reloads", "Policy reloads after the file changed, by result.",
+            ["result"], registry=r,
+        )  # fmt: skip
+        self.errors = Counter(
+            f"{PREFIX}_errors", "Internal errors, by stage (the admission still succeeds).",
+            ["stage"], registry=r,
+        )  # fmt: skip
+        self.build_info = Gauge(
+            f"{PREFIX}_build_info", "Build information; the value is always 1.",
+            ["version"], registry=r, multiprocess_mode="max",
+        )  # fmt: skip
+        self.probes = Counter(
+            f"{PREFIX}_probes", "Registry availability probes, by outcome.",
+            ["result"], registry=r,
+        )  # fmt: skip
+        self.build_info.labels(__version__).set(1)
+        # labels() costs a lock and a dict lookup of a tuple of strings; the
+        # per-request paths keep their children here (bounded, like the labels).
+        self._requests: dict[tuple[int, str], Any] = {}
+        self._rewrites: dict[tuple[str, str], Any] = {}
+        # Pre-initialise the bounded label values so that every series exists
+        # at 0 from the first scrape (rate() over a series that appears late
+        # misses its first increments).
+        for result in RESULTS:
+            self.requests.labels("400" if result == "rejected" else "200", result)
+        for stage in ERROR_STAGES:
+            self.errors.labels(stage)
+        for result in ("success", "failure"):
+            self.policy_reloads.labels(result)
+        for result in PROBE_RESULTS:
+            self.probes.labels(result)
+
+    def observe(self, code: int, result: str, seconds: float) -> None:
+        key = (code, result)
+        child = self._requests.get(key)
+        if child is None:
+            child = self._requests[key] = self.requests.labels(str(code), result)
+        child.inc()
+        self.duration.observe(seconds)
+
+    def rewritten(self, rewrites: Iterable[tuple[str, str]]) -> None:
+        """Count rewrites given as (reason, target image) pairs."""
+        counts: dict[tuple[str, str], int] = {}
+        for reason, target in rewrites:
+            key = (reason, registry_of(target))
+            counts[key] = counts.get(key, 0) + 1
+        for key, n in counts.items():  # one file write per label set, not per image
+            child = self._rewrites.get(key)
+            if child is None:
+                child = self._rewrites[key] = self.rewrites.labels(*key)
+            child.inc(n)
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The text exposition and its content type.
+
+        In multiprocess mode a fresh registry with a ``MultiProcessCollector``
+        is built per scrape, as the prometheus_client documentation requires.
+        """
+        path = multiprocess_dir()
+        if path is None:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return multiprocess_exposition(path)
+
+
+def multiprocess_exposition(path: str) -> tuple[bytes, str]:
+    """All workers' values, added up from the files in ``path``."""
+    registry = CollectorRegistry()
+    _multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def mark_process_dead(pid: int, path: str | None = None) -> None:
+    """Drop the live gauges (requests in flight) of a worker that exited."""
+    _multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
+
+
+def registry_of(image: str) -> str:
+    """The registry host of an image reference (first path component)."""
+    return image.split("/", 1)[0] if "/" in image else "docker.io"

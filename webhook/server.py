@@ -1,0 +1,412 @@
+"""``ecr-webhook serve``: gunicorn, embedded, serving the app over TLS.  A shell module.
+
+``run(config) -> int`` validates everything it can before forking (certificate
+pair, policy, region, audit target, ports), so a mistake is one line naming the
+flag and the value, then starts gunicorn through a ``BaseApplication`` (no
+config file, no ``gunicorn`` command line).
+
+What the launcher sets up, and why:
+
+* **TLS**, 1.2 minimum, through gunicorn's ``ssl_context`` hook.  gunicorn asks
+  the hook for a context on every new connection; the hook answers from a
+  ``CertificateHolder`` that re-reads the certificate and key when the files
+  change (a Secret update is a symlink swap), so rotation needs no restart and
+  the next connection already shows the new certificate.
+* **The worker**: ``WebhookWorker``, gunicorn's threaded worker with one fix.
+  Stock ``gthread`` completes a new connection's TLS handshake in a pool thread
+  and then blocks that thread reading the first request.  Go's HTTP client (the
+  kube-apiserver's) dials extra connections under load and parks the ones it
+  does not need in its idle pool, so a thread waits on a connection that sends
+  nothing; once the parked connections outnumber the threads every thread
+  waits and the worker stalls until the clients time out (measured by
+  bench/load.py: 128 keep-alive connections against 2x8 threads).
+  ``WebhookWorker`` hands a handshaken connection with no request yet back to
+  the worker's poller, as gthread already does for idle keep-alive
+  connections, so threads only ever serve requests that have arrived.  The
+  handshake itself is bounded (10 s, Go's default TLSHandshakeTimeout).
+* **keep-alive 120 s**: longer than the kube-apiserver's idle timeout for
+  webhook connections (90 s, Go's http.DefaultTransport IdleConnTimeout, which
+  k8s.io/apimachinery's SetTransportDefaults copies), so the client always
+  closes an idle connection first and never sends a request into a connection
+  the server is closing.  An idle connection costs a file descriptor, no thread.
+* **Metrics** on a separate plain-HTTP port.  The launcher binds the listening
+  socket once, before forking; every worker serves it from a small thread, and
+  any worker answers a scrape with the sum over all workers (prometheus_client
+  multiprocess mode, ``PROMETHEUS_MULTIPROC_DIR`` in a private temporary
+  directory, set before prometheus_client creates a value).
+* **Logs**: gunicorn's own messages in the klog JSON format on stderr; stdout
+  carries only audit records.
+"""
+
+from __future__ import annotations
+
+import base64
+import glob
+import os
+import selectors
+import shutil
+import socket
+import ssl
+import struct
+import tempfile
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import yaml
+from gunicorn.app.base import BaseApplication
+from gunicorn.glogging import Logger as GunicornBaseLogger
+from gunicorn.workers import gthread
+
+from webhook import certs, logs
+from webhook.auditlog import AuditLog
+from webhook.config import ServeConfig
+from webhook.errors import ConfigError
+from webhook.reload import CertificateHolder, build_context, load_certificate
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+KEEPALIVE_SECONDS = 120
+# Go's crypto/tls client gives up a handshake after 10 s (net/http
+# DefaultTransport TLSHandshakeTimeout); a server thread need not wait longer.
+HANDSHAKE_TIMEOUT = 10
+GRACEFUL_TIMEOUT = 20  # below the pod's default terminationGracePeriodSeconds (30)
+DEV_CERT_DIR = "certs"
+WEBHOOK_NAME = "pods.ecr-webhook.io"
+
+WSGIApp = Callable[..., Any]
+AppFactory = Callable[[ServeConfig], WSGIApp]
+
+
+# --------------------------------------------------------------------------- worker
+
+_DEFER: object = getattr(gthread, "_DEFER", None)
+_DATA_TIMEOUT: float = getattr(gthread, "DEFAULT_WORKER_DATA_TIMEOUT", 5.0)
+
+
+def _recv_timeout(sock: socket.socket, seconds: int) -> None:
+    """Bound blocking reads at the OS level (SO_RCVTIMEO; 0 means no bound).
+
+    gunicorn puts the socket in Python blocking mode before the handshake,
+    which would reset a Python-level timeout; SO_RCVTIMEO survives that.
+    """
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, 0))
+
+
+def _has_input(sock: socket.socket) -> bool:
+    """Whether a request has (at least partly) arrived, without blocking."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    with selectors.DefaultSelector() as sel:
+        sel.register(sock, selectors.EVENT_READ)
+        return bool(sel.select(0))
+
+
+class WebhookWorker(gthread.ThreadWorker):  # type: ignore[misc]
+    """gthread, with new TLS connections parked in the poller until a request arrives.
+
+    See the module docstring for the stall this prevents.  Only the first
+    request of a TLS connection takes the new path; everything else is
+    gthread's own code.
+    """
+
+    def handle(self, conn: Any) -> Any:
+        if conn.initialized or not self.cfg.is_ssl or _DEFER is None:
+            return super().handle(conn)
+        if not conn.data_ready and not conn.wait_for_data(_DATA_TIMEOUT):
+            return _DEFER  # not even a ClientHello yet: wait in the poller
+        try:
+            conn.sock.setblocking(True)
+            _recv_timeout(conn.sock, HANDSHAKE_TIMEOUT)
+            conn.init()  # the TLS handshake; conn.sock becomes the SSLSocket (same fd)
+            _recv_timeout(conn.sock, 0)
+        except Exception as exc:  # any handshake failure closes the connection
+            self.log.debug("TLS handshake failed: %s", exc)
+            # Closed here, so the worker's graceful close does not linger on
+            # the main thread waiting for a peer that stopped talking.
+            conn.sock.close()
+            return False
+        conn.data_ready = False
+        if _has_input(conn.sock):
+            return super().handle(conn)
+        return _DEFER  # handshaken, no request yet: back to the poller, thread freed
+
+
+class GunicornLogger(GunicornBaseLogger):  # type: ignore[misc]
+    """gunicorn's error log in the klog JSON format; no access log."""
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        logs.attach(self.error_log, 4 if cfg.loglevel == "debug" else 0)
+
+
+# --------------------------------------------------------------------------- metrics port
+
+
+def listen(host: str, port: int, flag: str, backlog: int = 64) -> socket.socket:
+    """A listening TCP socket; ConfigError naming ``flag`` when the port is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=backlog)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        raise ConfigError(f"{flag} {port}: cannot listen on {host}:{port}: {why}") from None
+
+
+def check_port_free(host: str, port: int, flag: str) -> None:
+    listen(host, port, flag).close()
+
+
+def serve_metrics(sock: socket.socket, exposition: Callable[[], tuple[bytes, str]]) -> None:
+    """Serve ``GET /metrics`` on the inherited listening ``sock`` from a daemon thread.
+
+    The socket is non-blocking and shared by all workers: each worker's thread
+    waits for it to be readable and the one whose ``accept`` wins answers.
+    """
+
+    class Handler(BaseHTTPRequestHandler):
+        timeout = 10
+        server_version = "ecr-webhook-metrics"
+
+        def do_GET(self) -> None:
+            if self.path.split("?", 1)[0] != "/metrics":
+                self.send_error(404, "only /metrics is served on this port")
+                return
+            body, content_type = exposition()
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler, bind_and_activate=False)
+    server.socket.close()
+    server.socket = sock
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+
+
+# --------------------------------------------------------------------------- dev mode
+
+
+def webhook_configuration(url: str, ca_pem: bytes) -> dict[str, Any]:
+    """A MutatingWebhookConfiguration that calls ``url`` (dev mode, a local cluster)."""
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": "ecr-webhook"},
+        "webhooks": [{
+            "name": WEBHOOK_NAME,
+            "admissionReviewVersions": ["v1", "v1beta1"],
+            "clientConfig": {"url": url, "caBundle": base64.b64encode(ca_pem).decode()},
+            "rules": [
+                {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
+                 "resources": ["pods"], "scope": "Namespaced"},
+                {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["UPDATE"],
+                 "resources": ["pods/ephemeralcontainers"], "scope": "Namespaced"},
+            ],
+            # The webhook never denies; if it cannot answer, pods are admitted.
+            "failurePolicy": "Ignore",
+            "sideEffects": "None",
+            "timeoutSeconds": 5,
+            "matchPolicy": "Equivalent",
+            # The planner is idempotent, so a second call after other webhooks
+            # changed the pod is safe (Kubernetes docs, "Reinvocation policy").
+            "reinvocationPolicy": "IfNeeded",
+            "namespaceSelector": {"matchExpressions": [{
+                "key": "kubernetes.io/metadata.name", "operator": "NotIn",
+                "values": ["ecr-webhook"]}]},
+            "objectSelector": {"matchExpressions": [{
+                "key": "ecr-webhook.io/skip", "operator": "NotIn", "values": ["true"]}]},
+        }],
+    }  # fmt: skip
+
+
+def prepare_dev(config: ServeConfig, cert_dir: str = DEV_CERT_DIR) -> ServeConfig:
+    """``--dev``: a loopback certificate in ``cert_dir``, 127.0.0.1, a printed webhook config.
+
+    The certificate is generated only when ``cert_dir/tls.crt`` is absent, so a
+    local cluster keeps trusting the same CA across restarts.  The
+    configuration goes to stderr (stdout carries audit records) and to
+    ``cert_dir/mutatingwebhookconfiguration.yaml`` for ``kubectl apply -f``.
+    """
+    out = Path(cert_dir)
+    cert, key, ca = out / certs.CERT_FILE, out / certs.KEY_FILE, out / certs.CA_FILE
+    if not cert.exists():
+        bundle = certs.build_certificate(["localhost"], ["127.0.0.1"])
+        certs.write_bundle(bundle, out)
+        logs.stderr_line(f"ecr-webhook: wrote a loopback certificate to {out}/")
+    if not ca.exists():
+        raise ConfigError(f"--dev: {ca} is missing; remove {out}/ to generate a new set")
+    config = replace(config, host="127.0.0.1", cert_file=str(cert), key_file=str(key))
+    url = f"https://127.0.0.1:{config.port}/mutate"
+    doc = webhook_configuration(url, ca.read_bytes())
+    text = yaml.safe_dump(doc, sort_keys=False)
+    path = out / "mutatingwebhookconfiguration.yaml"
+    path.write_text(text)
+    ca_bundle = doc["webhooks"][0]["clientConfig"]["caBundle"]
+    logs.stderr_line(f"caBundle: {ca_bundle}")
+    logs.stderr_line(f"# kubectl apply -f {path}\n---\n{text}")
+    return config
+
+
+# --------------------------------------------------------------------------- gunicorn
+
+
+class WebhookApplication(BaseApplication):  # type: ignore[misc]
+    """gunicorn embedded: options from a dict, the WSGI app from a loader."""
+
+    def __init__(self, options: Mapping[str, Any], loader: Callable[[], WSGIApp]) -> None:
+        self.options = dict(options)
+        self.loader = loader
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self.options.items():
+            if key in self.cfg.settings:  # older gunicorns lack some settings
+                self.cfg.set(key, value)
+
+    def load(self) -> WSGIApp:
+        return self.loader()
+
+
+def _bind(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def gunicorn_options(config: ServeConfig, runtime_dir: str) -> dict[str, Any]:
+    """The gunicorn settings ``serve`` uses (bench/load.py serves its floor with them)."""
+    return {
+        "bind": [_bind(config.host, config.port)],
+        "workers": config.workers,
+        "threads": config.threads,
+        "worker_class": WebhookWorker,
+        "keepalive": KEEPALIVE_SECONDS,
+        "graceful_timeout": GRACEFUL_TIMEOUT,
+        "certfile": config.cert_file,
+        "keyfile": config.key_file,
+        "accesslog": None,
+        "errorlog": "-",
+        "loglevel": "debug" if config.log_verbosity >= logs.STACKTRACE_VERBOSITY else "info",
+        "logger_class": GunicornLogger,
+        "worker_tmp_dir": runtime_dir,
+        "proc_name": "ecr-webhook",
+        "control_socket_disable": True,
+    }
+
+
+def _prepare_runtime_dir() -> tuple[str, bool]:
+    """The directory for metrics files and locks: (path, created here)."""
+    existing = os.environ.get(MULTIPROC_ENV)
+    if existing:
+        os.makedirs(existing, exist_ok=True)
+        # prometheus_client requires the directory to be wiped between runs.
+        for f in glob.glob(os.path.join(existing, "*.db")):
+            os.remove(f)
+        return existing, False
+    path = tempfile.mkdtemp(prefix="ecr-webhook-")
+    os.environ[MULTIPROC_ENV] = path
+    return path, True
+
+
+def _use_multiprocess_values() -> None:
+    """Make prometheus_client store values in files, even if imported before the env var."""
+    from prometheus_client import values  # only after the env var is set
+
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+
+
+def validate(config: ServeConfig) -> None:
+    """Everything that can be checked before forking; raises EcrWebhookError."""
+    if config.workers < 1 or config.threads < 1:
+        raise ConfigError(
+            f"--workers {config.workers} --threads {config.threads}: both must be >= 1"
+        )
+    load_certificate(config.cert_file, config.key_file)
+    build_context(config.policy_file, config.region, os.environ)
+    if config.audit_log != "-":
+        try:
+            fd = os.open(config.audit_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        except OSError as exc:
+            raise ConfigError(
+                f"--audit-log {config.audit_log}: cannot open it: {exc.strerror}"
+            ) from None
+        os.close(fd)
+    if config.port == config.metrics_port:
+        raise ConfigError(f"--metrics-port {config.metrics_port}: must differ from --port")
+    check_port_free(config.host, config.port, "--port")
+
+
+def run(
+    config: ServeConfig,
+    *,
+    app_factory: AppFactory | None = None,
+    gunicorn_overrides: Mapping[str, Any] | None = None,
+) -> int:
+    """Serve until SIGTERM/SIGINT; the exit status.  Raises EcrWebhookError before serving.
+
+    ``app_factory`` and ``gunicorn_overrides`` exist for bench/load.py, which
+    serves a canned "floor" app with exactly these settings, and shows the
+    stock gthread worker stalling for comparison.
+    """
+    if config.dev:
+        config = prepare_dev(config)
+    log = logs.configure(config.log_verbosity)
+    validate(config)
+    metrics_sock = listen(config.host, config.metrics_port, "--metrics-port")
+    metrics_sock.setblocking(False)
+
+    master = os.getpid()
+    runtime_dir, owned = _prepare_runtime_dir()
+    try:
+        _use_multiprocess_values()
+        from webhook import metrics  # prometheus_client: after the env var
+
+        certificate = CertificateHolder(config.cert_file, config.key_file)
+
+        def load() -> WSGIApp:
+            if app_factory is not None:
+                return app_factory(config)
+            from webhook.app import create_app  # imports prometheus_client
+
+            lock = os.path.join(runtime_dir, "audit.lock") if config.audit_log == "-" else None
+            audit = AuditLog(config.audit_log, max_bytes=config.audit_max_bytes,
+                             backups=config.audit_backups, lock_file=lock)  # fmt: skip
+            return create_app(config, audit=audit, certificate=certificate,
+                              log=logs.Log(verbosity=config.log_verbosity))  # fmt: skip
+
+        def ssl_context(conf: Any, default_factory: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+            return certificate.context()
+
+        def post_worker_init(worker: Any) -> None:
+            serve_metrics(metrics_sock, lambda: metrics.multiprocess_exposition(runtime_dir))
+
+        def child_exit(server: Any, worker: Any) -> None:
+            metrics.mark_process_dead(worker.pid, runtime_dir)
+
+        options = gunicorn_options(config, runtime_dir)
+        options.update(ssl_context=ssl_context, post_worker_init=post_worker_init,
+                       child_exit=child_exit)  # fmt: skip
+        options.update(gunicorn_overrides or {})
+        log.info("serving", address=f"https://{_bind(config.host, config.port)}/mutate",
+                 metrics=f"http://{_bind(config.host, config.metrics_port)}/metrics",
+                 workers=config.workers, threads=config.threads,
+                 policy=config.policy_file or "<defaults>", audit=config.audit_log)  # fmt: skip
+        try:
+            WebhookApplication(options, load).run()
+        except SystemExit as exc:
+            if os.getpid() != master:
+                raise  # a worker leaving: never run the master's cleanup below
+            return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        return 0
+    finally:
+        if os.getpid() == master:
+            metrics_sock.close()
+            if owned:
+                shutil.rmtree(runtime_dir, ignore_errors=True)
+                os.environ.pop(MULTIPROC_ENV, None)
