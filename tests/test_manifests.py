@@ -604,7 +604,7 @@ def test_hpa_owns_the_replica_count_and_keeps_two() -> None:
 # ------------------------------------------------------------------ the docs
 
 
-DEPLOY_MD = MANIFESTS.parent / "docs" / "deploy.md"
+DEPLOY_MD = MANIFESTS.parent / "README.md"
 
 
 def test_documented_kubectl_commands_use_files_that_exist() -> None:

@@ -121,3 +121,12 @@ def test_fail_open_answer() -> None:
     assert resp["allowed"] is True and "patch" not in resp
     assert resp["warnings"] and "internal error" in resp["warnings"][0]
     assert outcome.decision == "error" and outcome.error == "RuntimeError: boom"
+
+
+def test_long_container_names_keep_the_reason() -> None:
+    body = review(images=(BAD, LONG))
+    body["request"]["object"]["spec"]["containers"][0]["name"] = "aws-vpc-cni-init"
+    body["request"]["object"]["spec"]["containers"][1]["name"] = "aws-eks-nodeagent"
+    for w in admit(body, CTX).review["response"]["warnings"]:
+        assert len(w) <= 120
+        assert w.endswith("(wrong account for ap-southeast-4)"), w

@@ -279,7 +279,7 @@ def test_metrics_scrape_has_the_documented_names(server: Served) -> None:
 
 @pytest.fixture(scope="module")
 def cli_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """Started exactly as docs/server.md documents it; one worker, two threads."""
+    """Started exactly as README.md documents it; one worker, two threads."""
     tmp = tmp_path_factory.mktemp("cli")
     gen = cli(
         "certs",

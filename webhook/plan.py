@@ -24,7 +24,7 @@ without the planner changing.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -208,6 +208,8 @@ class Decision:
             for short in (
                 f"image of container {self.container} rewritten to {host}/… ({self.detail})",
                 f"container {self.container}: image moved to {host} ({self.detail})",
+                f"{self.container}: moved to {host} ({self.detail})",
+                f"image of container {self.container} rewritten ({self.detail})",
             ):
                 if len(short) <= limit:
                     return short
@@ -294,7 +296,10 @@ def _decide(
         if len(ctx.memo) >= MEMO_MAX:
             ctx.memo.clear()
         ctx.memo[image] = judged
-    return replace(judged, container=name, path=path)
+    # Not dataclasses.replace: this is the admission hot path, and replace()
+    # costs several times a direct construction.
+    j = judged
+    return Decision(name, path, j.image, j.action, j.reason, j.target, j.rule, j.detail)
 
 
 def _judge(name: str, path: str, image: str, ctx: PlanContext) -> Decision:

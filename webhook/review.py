@@ -117,6 +117,8 @@ def parse_review(body: object) -> tuple[str, AdmissionRequest]:
 
 def truncate(line: str, limit: int = MAX_WARNING) -> str:
     """One printable line of at most ``limit`` characters."""
+    if len(line) <= limit and line.isprintable():
+        return line  # the common case, without a per-character pass
     line = "".join(ch if ch.isprintable() else " " for ch in line)
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
