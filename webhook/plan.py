@@ -208,7 +208,7 @@ class Decision:
             for short in (
                 f"image of container {self.container} rewritten to {host}/… ({self.detail})",
                 f"container {self.container}: image moved to {host} ({self.detail})",
-                f"{self.container}: moved to {host} ({self.detail})",
+                f"container {self.container} → {host} ({self.detail})",
                 f"image of container {self.container} rewritten ({self.detail})",
             ):
                 if len(short) <= limit:
