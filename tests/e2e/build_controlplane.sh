@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Build a real Kubernetes control plane (kube-apiserver, etcd, kubectl) from the
-# pinned Go modules in tests/e2e/controlplane and tests/e2e/etcd.
+# Build a real Kubernetes control plane (kube-apiserver, kube-controller-manager,
+# etcd, kubectl) from the pinned Go modules in tests/e2e/controlplane and
+# tests/e2e/etcd.
 #
 # Binaries go to a cache directory outside the repository, keyed by version:
 #   ${ECR_WEBHOOK_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ecr-webhook}/controlplane/k8s-vX.Y.Z-etcd-vA.B.C/
-# If all three binaries are already there, nothing is built.
+# If all four binaries are already there, nothing is built. Otherwise only the
+# missing ones are built (a cache filled before kube-controller-manager was added
+# keeps its three binaries and gains the fourth).
 #
 # stdout: exactly one line, the directory holding the binaries.
 # stderr: progress, go's output and the build time.
@@ -33,11 +36,19 @@ fi
 
 cache_root="${ECR_WEBHOOK_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ecr-webhook}"
 out="$cache_root/controlplane/k8s-${k8s_version}-etcd-${etcd_version}"
-binaries=(kube-apiserver kubectl etcd)
+k8s_binaries=(kube-apiserver kube-controller-manager kubectl)
+binaries=("${k8s_binaries[@]}" etcd)
 
 have_all() {
 	local b
 	for b in "${binaries[@]}"; do [[ -x "$out/$b" ]] || return 1; done
+}
+
+# The binaries not yet in $out, space-separated.
+missing() {
+	local b list=()
+	for b in "${binaries[@]}"; do [[ -x "$out/$b" ]] || list+=("$b"); done
+	printf '%s\n' "${list[*]}"
 }
 
 if have_all; then
@@ -64,10 +75,12 @@ if [[ -z "$GO" ]]; then
 fi
 go_version="$("$GO" version)" || { log "'$GO version' failed"; exit 1; }
 log "using $go_version"
-log "building kube-apiserver + kubectl ${k8s_version}, etcd ${etcd_version} into $out"
+read -r -a todo <<<"$(missing)"
+log "building ${todo[*]} (kubernetes ${k8s_version}, etcd ${etcd_version}) into $out"
 
 # Build into a scratch directory next to the target and rename at the end, so an
-# interrupted build never leaves a half-populated cache directory behind.
+# interrupted build never leaves a half-populated cache directory or a partly
+# written binary behind.
 tmp="$(mktemp -d "$cache_root/controlplane/.build.XXXXXX")"
 trap 'rm -rf "$tmp"' EXIT
 
@@ -83,15 +96,28 @@ done
 
 export CGO_ENABLED=0 GOTOOLCHAIN=local GOFLAGS="-mod=readonly -buildvcs=false"
 start=$(date +%s)
-(cd "$cp_mod" && "$GO" build -trimpath -ldflags "$k8s_ldflags" -o "$tmp/" ./cmd/kube-apiserver ./cmd/kubectl)
-(cd "$etcd_mod" && "$GO" build -trimpath -ldflags "-s -w" -o "$tmp/" ./cmd/etcd)
+k8s_pkgs=()
+for b in "${todo[@]}"; do
+	[[ "$b" == etcd ]] || k8s_pkgs+=("./cmd/$b")
+done
+if ((${#k8s_pkgs[@]})); then
+	(cd "$cp_mod" && "$GO" build -trimpath -ldflags "$k8s_ldflags" -o "$tmp/" "${k8s_pkgs[@]}")
+fi
+if [[ " ${todo[*]} " == *" etcd "* ]]; then
+	(cd "$etcd_mod" && "$GO" build -trimpath -ldflags "-s -w" -o "$tmp/" ./cmd/etcd)
+fi
 end=$(date +%s)
 
-for b in "${binaries[@]}"; do
+for b in "${todo[@]}"; do
 	[[ -x "$tmp/$b" ]] || { log "build produced no $b"; exit 1; }
 done
-rm -rf "$out"
-mv "$tmp" "$out"
+if [[ -d "$out" ]]; then
+	# Add to the binaries already there; each rename is atomic.
+	for b in "${todo[@]}"; do mv -f "$tmp/$b" "$out/$b"; done
+	rm -rf "$tmp"
+else
+	mv "$tmp" "$out"
+fi
 trap - EXIT
 chmod 755 "$out"
 log "build time: $((end - start))s"

@@ -1,5 +1,9 @@
 """A real Kubernetes control plane (etcd + kube-apiserver) on loopback, for tests.
 
+Optionally (``controller_manager=True`` / ``--controller-manager``) it also runs
+kube-controller-manager with a few controllers (DaemonSet, ServiceAccount), so
+that a DaemonSet makes Pods for the Node objects a test creates.
+
 The binaries are built from pinned Go modules by ``build_controlplane.sh`` (next
 to this file) into a cache directory outside the repository; see README.md.
 
@@ -14,9 +18,11 @@ As a program (for humans, and for tests that want a separate process)::
 
     python tests/e2e/controlplane.py --kubeconfig /tmp/kc.yaml
 
-prints ``ready`` on its own line once the API server answers ``/readyz`` and the
-kubeconfig is written, then runs until SIGINT/SIGTERM, stops kube-apiserver and
-etcd and removes its temporary state (including the kubeconfig it wrote).
+prints ``ready`` on its own line once the API server answers ``/readyz`` (and,
+with ``--controller-manager``, kube-controller-manager answers ``/healthz``) and
+the kubeconfig is written, then runs until SIGINT/SIGTERM, stops
+kube-controller-manager, kube-apiserver and etcd and removes its temporary state
+(including the kubeconfig it wrote).
 
 Only stdlib and ``cryptography`` are needed. Nothing here listens on, or talks
 to, anything but 127.0.0.1.
@@ -68,6 +74,21 @@ SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 # Pod. Disabled by default, as in controller-runtime's envtest; pass
 # ``disable_admission_plugins=()`` and create ServiceAccounts to keep it.
 DEFAULT_DISABLED_ADMISSION_PLUGINS: tuple[str, ...] = ("ServiceAccount",)
+# kube-controller-manager's controllers when it is enabled (canonical names,
+# k8s.io/kubernetes cmd/kube-controller-manager/names): the DaemonSet controller
+# (creates a DaemonSet's Pods), the ServiceAccount controller (creates the
+# `default` ServiceAccount in every namespace, so the ServiceAccount admission
+# plugin can stay on) and the legacy token controller (fills in
+# kubernetes.io/service-account-token Secrets). No node lifecycle controller:
+# it would taint every Node NotReady, as no kubelet posts heartbeats here.
+DEFAULT_CONTROLLERS: tuple[str, ...] = (
+    "daemonset-controller",
+    "serviceaccount-controller",
+    "serviceaccount-token-controller",
+)
+# The user the bootstrap RBAC policy binds to ClusterRole
+# system:kube-controller-manager (k8s.io/apiserver user.KubeControllerManager).
+CONTROLLER_MANAGER_USER = "system:kube-controller-manager"
 _PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 
 
@@ -76,7 +97,7 @@ class BuildError(RuntimeError):
 
 
 class ControlPlaneError(RuntimeError):
-    """etcd or kube-apiserver failed to start or died."""
+    """etcd, kube-apiserver or kube-controller-manager failed to start or died."""
 
 
 # --------------------------------------------------------------------------- build
@@ -100,9 +121,13 @@ class Binaries:
     def kubectl(self) -> Path:
         return self.directory / "kubectl"
 
+    @property
+    def kube_controller_manager(self) -> Path:
+        return self.directory / "kube-controller-manager"
+
 
 def build_binaries(*, echo: IO[str] | None = sys.stderr) -> Binaries:
-    """Build (or find in the cache) kube-apiserver, etcd and kubectl.
+    """Build (or find in the cache) kube-apiserver, kube-controller-manager, etcd, kubectl.
 
     Runs ``build_controlplane.sh``; a no-op when the cache already holds the
     binaries. Its progress is copied to ``echo`` (None: silent). Raises
@@ -134,7 +159,12 @@ def build_binaries(*, echo: IO[str] | None = sys.stderr) -> Binaries:
         raise BuildError(f"{BUILD_SCRIPT} exited with {code}; last output:\n" + "".join(tail))
     lines = stdout.strip().splitlines()
     binaries = Binaries(Path(lines[-1]) if lines else Path())
-    for path in (binaries.kube_apiserver, binaries.etcd, binaries.kubectl):
+    for path in (
+        binaries.kube_apiserver,
+        binaries.kube_controller_manager,
+        binaries.etcd,
+        binaries.kubectl,
+    ):
         if not os.access(path, os.X_OK):
             raise BuildError(f"{BUILD_SCRIPT} succeeded but {path} is missing")
     return binaries
@@ -313,7 +343,9 @@ def _tail(path: Path, lines: int = 40) -> str:
 _NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def _kubeconfig_yaml(server: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> str:
+def _kubeconfig_yaml(
+    server: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes, user: str = "e2e-admin"
+) -> str:
     def b64(data: bytes) -> str:
         return base64.b64encode(data).decode("ascii")
 
@@ -327,7 +359,7 @@ def _kubeconfig_yaml(server: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes
         f"    server: {json.dumps(server)}\n"
         f"    certificate-authority-data: {b64(ca_pem)}\n"
         "users:\n"
-        "- name: e2e-admin\n"
+        f"- name: {json.dumps(user)}\n"
         "  user:\n"
         f"    client-certificate-data: {b64(cert_pem)}\n"
         f"    client-key-data: {b64(key_pem)}\n"
@@ -335,7 +367,7 @@ def _kubeconfig_yaml(server: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes
         "- name: e2e\n"
         "  context:\n"
         "    cluster: e2e\n"
-        "    user: e2e-admin\n"
+        f"    user: {json.dumps(user)}\n"
         "    namespace: default\n"
         "current-context: e2e\n"
     )
@@ -346,13 +378,15 @@ def _kubeconfig_yaml(server: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes
 
 @dataclass
 class ControlPlane:
-    """etcd + kube-apiserver on 127.0.0.1, with an admin kubeconfig.
+    """etcd + kube-apiserver (+ optionally kube-controller-manager) on 127.0.0.1.
 
     ``start()`` builds the binaries if needed, generates certificates in a
     temporary directory, starts etcd and kube-apiserver on free loopback ports,
     waits for ``/readyz`` (and for the ``default``/``kube-system`` namespaces) and
-    writes the kubeconfig. ``stop()`` terminates both processes and removes the
-    temporary directory. Also usable as a context manager.
+    writes the admin kubeconfig; with ``controller_manager=True`` it then starts
+    kube-controller-manager and waits for its ``/healthz``. ``stop()`` terminates
+    the processes (controller-manager, apiserver, etcd) and removes the temporary
+    directory. Also usable as a context manager.
 
     Arguments:
         kubeconfig_path: where to write the admin kubeconfig (default: in the temp dir).
@@ -363,7 +397,23 @@ class ControlPlane:
         extra_apiserver_args: appended to the kube-apiserver command line
             (a later ``--flag=value`` overrides an earlier one).
         disable_admission_plugins: passed to ``--disable-admission-plugins``.
-        start_timeout: seconds to wait for etcd and then kube-apiserver.
+        start_timeout: seconds to wait for each process to become ready.
+        controller_manager: also run kube-controller-manager (default: no). Its
+            ServiceAccount controller creates every namespace's ``default``
+            ServiceAccount, so ``disable_admission_plugins=()`` is then usable.
+        controllers: its ``--controllers`` (default :data:`DEFAULT_CONTROLLERS`).
+        extra_controller_manager_args: appended to its command line.
+
+    kube-controller-manager authenticates as ``system:kube-controller-manager``
+    (client certificate from the cluster CA) and runs with
+    ``--use-service-account-credentials=true``, as kubeadm and EKS run it: each
+    controller then acts as its own ServiceAccount (Pods of a DaemonSet are
+    created by ``system:serviceaccount:kube-system:daemon-set-controller``).
+    With ``false`` every controller would act as ``system:kube-controller-manager``,
+    whose bootstrap ClusterRole may not create Pods or ControllerRevisions
+    (k8s.io/kubernetes plugin/pkg/auth/authorizer/rbac/bootstrappolicy/policy.go):
+    the DaemonSet controller then logs "controllerrevisions.apps is forbidden"
+    and makes no Pod (tried with v1.37.2).
     """
 
     kubeconfig_path: Path | None = None
@@ -372,6 +422,9 @@ class ControlPlane:
     extra_apiserver_args: Sequence[str] = ()
     disable_admission_plugins: Sequence[str] = DEFAULT_DISABLED_ADMISSION_PLUGINS
     start_timeout: float = 120.0
+    controller_manager: bool = False
+    controllers: Sequence[str] = DEFAULT_CONTROLLERS
+    extra_controller_manager_args: Sequence[str] = ()
 
     # Set by start():
     tmp_dir: Path = field(init=False, default=Path())
@@ -384,15 +437,22 @@ class ControlPlane:
     etcd_url: str = field(init=False, default="")
     etcd_log: Path = field(init=False, default=Path())
     apiserver_log: Path = field(init=False, default=Path())
+    # Only with controller_manager=True:
+    controller_manager_log: Path = field(init=False, default=Path())
+    controller_manager_url: str = field(init=False, default="")
+    controller_manager_kubeconfig: Path = field(init=False, default=Path())
     _etcd: subprocess.Popen[bytes] | None = field(init=False, default=None, repr=False)
     _apiserver: subprocess.Popen[bytes] | None = field(init=False, default=None, repr=False)
+    _controller_manager: subprocess.Popen[bytes] | None = field(
+        init=False, default=None, repr=False
+    )
     _log_files: list[IO[bytes]] = field(init=False, default_factory=list, repr=False)
     _started: bool = field(init=False, default=False, repr=False)
 
     # ---------------------------------------------------------------- lifecycle
 
     def start(self) -> Self:
-        """Start etcd and kube-apiserver; return once the API server is ready."""
+        """Start etcd, kube-apiserver (and kube-controller-manager); return once ready."""
         if self._started:
             raise ControlPlaneError("control plane already started")
         if self.binaries is None:
@@ -406,14 +466,20 @@ class ControlPlane:
             self.apiserver_log = logs / "kube-apiserver.log"
             self._start_etcd()
             self._start_apiserver()
+            if self.controller_manager:
+                self.controller_manager_log = logs / "kube-controller-manager.log"
+                self._start_controller_manager()
         except BaseException:
             self.stop()
             raise
         return self
 
     def stop(self) -> None:
-        """Stop kube-apiserver, then etcd, and remove temporary state. Idempotent."""
-        for proc in (self._apiserver, self._etcd):
+        """Stop the controller-manager, kube-apiserver, then etcd; remove temporary state.
+
+        Idempotent.
+        """
+        for proc in (self._controller_manager, self._apiserver, self._etcd):
             if proc is not None and proc.poll() is None:
                 proc.terminate()
                 try:
@@ -421,7 +487,7 @@ class ControlPlane:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-        self._apiserver = self._etcd = None
+        self._controller_manager = self._apiserver = self._etcd = None
         for f in self._log_files:
             f.close()
         self._log_files.clear()
@@ -444,16 +510,26 @@ class ControlPlane:
 
     # ---------------------------------------------------------------- queries
 
+    def _processes(
+        self,
+    ) -> list[tuple[str, subprocess.Popen[bytes] | None, Path]]:
+        procs = [
+            ("etcd", self._etcd, self.etcd_log),
+            ("kube-apiserver", self._apiserver, self.apiserver_log),
+        ]
+        if self.controller_manager:
+            procs.append(
+                ("kube-controller-manager", self._controller_manager, self.controller_manager_log)
+            )
+        return procs
+
     def is_running(self) -> bool:
-        """True while both etcd and kube-apiserver are alive."""
-        return all(p is not None and p.poll() is None for p in (self._etcd, self._apiserver))
+        """True while etcd and kube-apiserver (and the controller-manager, if enabled) live."""
+        return all(p is not None and p.poll() is None for _, p, _ in self._processes())
 
     def check_running(self) -> None:
         """Raise :class:`ControlPlaneError` (with log tails) if a process died."""
-        for name, proc, log in (
-            ("etcd", self._etcd, self.etcd_log),
-            ("kube-apiserver", self._apiserver, self.apiserver_log),
-        ):
+        for name, proc, log in self._processes():
             if proc is None or proc.poll() is not None:
                 code = None if proc is None else proc.returncode
                 raise ControlPlaneError(
@@ -641,6 +717,77 @@ class ControlPlane:
             0o600,
         )
 
+    def _start_controller_manager(self) -> None:
+        assert self.binaries is not None and self.ca is not None
+        d = self.tmp_dir
+        client_cert, client_key = self.ca.issue(CONTROLLER_MANAGER_USER, client=True)
+        kubeconfig = self.controller_manager_kubeconfig = _write(
+            d / "controller-manager.kubeconfig",
+            _kubeconfig_yaml(
+                self.server, self.ca.cert_pem, client_cert, client_key, CONTROLLER_MANAGER_USER
+            ).encode(),
+            0o600,
+        )
+        serving_cert, serving_key = self.ca.issue(
+            "kube-controller-manager",
+            dns_names=("localhost",),
+            ip_addresses=(LOOPBACK,),
+            server=True,
+        )
+        _write(d / "controller-manager.crt", serving_cert)
+        _write(d / "controller-manager.key", serving_key, 0o600)
+        port = free_port()
+        self.controller_manager_url = f"https://{LOOPBACK}:{port}"
+        argv = [
+            str(self.binaries.kube_controller_manager),
+            f"--kubeconfig={kubeconfig}",
+            # Its own HTTPS endpoint delegates authn/authz to the API server, as
+            # kubeadm configures it; /healthz is always allowed.
+            f"--authentication-kubeconfig={kubeconfig}",
+            f"--authorization-kubeconfig={kubeconfig}",
+            f"--client-ca-file={self.ca_file}",
+            # The client CA is given; without this it would also look up the
+            # request-header CA in kube-system/extension-apiserver-authentication,
+            # which this apiserver (no --requestheader-client-ca-file) leaves
+            # empty, and log an error about it every few seconds.
+            "--authentication-skip-lookup=true",
+            f"--bind-address={LOOPBACK}",
+            f"--secure-port={port}",
+            f"--tls-cert-file={d / 'controller-manager.crt'}",
+            f"--tls-private-key-file={d / 'controller-manager.key'}",
+            f"--controllers={','.join(self.controllers)}",
+            # Each controller acts as its own ServiceAccount (see the class docstring).
+            "--use-service-account-credentials=true",
+            # The key the API server verifies tokens with (legacy token Secrets).
+            f"--service-account-private-key-file={d / 'sa.key'}",
+            f"--root-ca-file={self.ca_file}",
+            # One instance, nothing to elect; saves the Lease round trips.
+            "--leader-elect=false",
+            *self.extra_controller_manager_args,
+        ]
+        self._controller_manager = self._spawn(argv, self.controller_manager_log)
+        # Verify its serving certificate like any client; no client certificate
+        # (a kubelet liveness probe does the same).
+        ctx = ssl.create_default_context(cafile=str(self.ca_file))
+        opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=ctx)
+        )
+
+        def healthy() -> Iterator[bool]:
+            while True:
+                try:
+                    with opener.open(self.controller_manager_url + "/healthz", timeout=5) as r:
+                        yield r.status == 200
+                except OSError:  # refused, TLS, HTTP 5xx (HTTPError)
+                    yield False
+
+        self._wait(
+            "kube-controller-manager",
+            self._controller_manager,
+            self.controller_manager_log,
+            healthy(),
+        )
+
 
 # ----------------------------------------------------------------------------- CLI
 
@@ -652,6 +799,12 @@ class _Terminated(Exception):
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Run etcd + kube-apiserver on 127.0.0.1 until SIGINT/SIGTERM."
+    )
+    parser.add_argument(
+        "--controller-manager",
+        action="store_true",
+        help="also run kube-controller-manager (DaemonSet and ServiceAccount controllers) "
+        "and enable the ServiceAccount admission plugin",
     )
     parser.add_argument(
         "--kubeconfig", type=Path, required=True, help="write the admin kubeconfig here"
@@ -681,7 +834,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
-    cp = ControlPlane(kubeconfig_path=args.kubeconfig.resolve(), log_dir=args.log_dir)
+    cp = ControlPlane(
+        kubeconfig_path=args.kubeconfig.resolve(),
+        log_dir=args.log_dir,
+        controller_manager=args.controller_manager,
+        # Its ServiceAccount controller creates the `default` ServiceAccounts the
+        # admission plugin requires, so the plugin can stay on.
+        disable_admission_plugins=(
+            () if args.controller_manager else DEFAULT_DISABLED_ADMISSION_PLUGINS
+        ),
+    )
     try:
         started = time.monotonic()
         cp.start()
@@ -689,7 +851,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"kube-apiserver {cp.server} ready in {time.monotonic() - started:.1f}s\n"
             f"  kubeconfig: {cp.kubeconfig}\n"
             f"  kubectl:    {' '.join(cp.kubectl())}\n"
-            f"  logs:       {cp.apiserver_log} {cp.etcd_log}",
+            f"  logs:       {cp.apiserver_log} {cp.etcd_log}"
+            + (
+                f" {cp.controller_manager_log}\n"
+                f"  kube-controller-manager: {cp.controller_manager_url} "
+                f"(--controllers={','.join(cp.controllers)})"
+                if cp.controller_manager
+                else ""
+            ),
             file=sys.stderr,
             flush=True,
         )
