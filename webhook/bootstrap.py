@@ -51,7 +51,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, paddin
 from yaml import YAMLError
 
 from webhook import certs
-from webhook.errors import ConfigError, EcrWebhookError
+from webhook.errors import BootstrapError, ConfigError
 
 SECRET_TYPE = "kubernetes.io/tls"
 FIELD_MANAGER = "ecr-webhook-bootstrap"
@@ -66,12 +66,6 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 _UNIT_SECONDS = {
     "ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0,
 }  # fmt: skip
-
-
-class BootstrapError(EcrWebhookError):
-    """The cluster refused or could not do what the bootstrap needs."""
-
-    exit_code = 1
 
 
 @dataclass(frozen=True)

@@ -55,3 +55,9 @@ class ConfigError(EcrWebhookError):
     """Bad command-line or server configuration (missing file, bad port, ...)."""
 
     exit_code = 2
+
+
+class BootstrapError(EcrWebhookError):
+    """The cluster refused or could not do what ``certs bootstrap`` needs."""
+
+    exit_code = 1
