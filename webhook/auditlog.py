@@ -91,7 +91,6 @@ class AuditLog:
         self._thread_lock = threading.Lock()
         self._fd: int | None = None
         self._ino: int | None = None
-        self._stale: list[int] = []
         if lock_file is None and target != STDOUT:
             lock_file = target + ".lock"
         self._lock_fd = (
@@ -114,9 +113,16 @@ class AuditLog:
                 with self._locked():
                     _write_all(1, data)
             return
-        fd = self._current_fd()
-        _write_all(fd, data)
-        if self.rotates and os.fstat(fd).st_size >= self.max_bytes:
+        # The thread lock (not the inter-process one) is held across choosing the
+        # descriptor and writing, so a descriptor is closed only when no thread
+        # of this process can be writing through it.  An earlier version kept
+        # "stale" descriptors open for a while instead, and lost the records of a
+        # thread whose descriptor was closed under it (tests/test_auditlog.py).
+        with self._thread_lock:
+            fd = self._current_fd()
+            _write_all(fd, data)
+            full = self.rotates and os.fstat(fd).st_size >= self.max_bytes
+        if full:
             self._rotate()
 
     @contextmanager
@@ -141,7 +147,12 @@ class AuditLog:
             self._thread_lock.release()
 
     def _current_fd(self) -> int:
-        """The descriptor of the file now at ``target``, reopened after a rotation."""
+        """The descriptor of the file now at ``target``, reopened after a rotation.
+
+        Called with the thread lock held.  Records written between another
+        worker's rename and this reopen land at the end of ``target.1``: nothing
+        is lost, and each record is still one whole line.
+        """
         fd, ino = self._fd, self._ino
         if fd is not None:
             try:
@@ -149,19 +160,11 @@ class AuditLog:
                     return fd
             except FileNotFoundError:
                 pass
-        with self._thread_lock:
-            if self._fd is not fd and self._fd is not None:
-                return self._fd  # another thread reopened it already
-            new = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                          0o640)  # fmt: skip
-            self._fd, self._ino = new, os.fstat(new).st_ino
-            # The old descriptor stays open a while: another thread may be
-            # writing through it right now.  Only the last few are kept.
-            if fd is not None:
-                self._stale.append(fd)
-                while len(self._stale) > 4:
-                    os.close(self._stale.pop(0))
-            return new
+        new = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        self._fd, self._ino = new, os.fstat(new).st_ino
+        if fd is not None:
+            os.close(fd)  # safe: every writer of this process holds the thread lock
+        return new
 
     def _rotate(self) -> None:
         with self._locked(blocking=False) as got:
@@ -183,11 +186,10 @@ class AuditLog:
 
     def close(self) -> None:
         with self._thread_lock:
-            for fd in (self._fd, self._lock_fd, *self._stale):
+            for fd in (self._fd, self._lock_fd):
                 if fd is not None:
                     os.close(fd)
             self._fd = self._lock_fd = None
-            self._stale.clear()
 
     def files(self) -> list[str]:
         """The current file and its backups, newest first (for tests and tools)."""
