@@ -128,7 +128,13 @@ def test_all_kinds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     review = {
         "apiVersion": "admission.k8s.io/v1",
         "kind": "AdmissionReview",
-        "request": {"uid": "u", "namespace": "ns1", "object": _pod("ar", f"{A4}/eks/pause:3.10")},
+        "request": {
+            "uid": "u",
+            "operation": "CREATE",
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "ns1",
+            "object": _pod("ar", f"{A4}/eks/pause:3.10"),
+        },
     }
     j = tmp_path / "review.json"
     j.write_text(json.dumps(review))
@@ -268,3 +274,33 @@ def test_console_script_help_is_fast_path() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_admission_review_input_follows_the_servers_scope(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pod = _pod("ar", f"{A4}/eks/pause:3.10")
+    pod["spec"]["ephemeralContainers"] = [{"name": "dbg", "image": f"{A4}/eks/pause:3.10"}]
+    files = []
+    for op, sub in (("DELETE", ""), ("UPDATE", "ephemeralcontainers"), ("CREATE", "")):
+        review = {
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": op,
+                "operation": op,
+                "subResource": sub,
+                "object": pod,
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+            },
+        }
+        f = tmp_path / f"{op}.json"
+        f.write_text(json.dumps(review))
+        files += ["-f", str(f)]
+    code, out, _ = run(["--region", "ap-southeast-4", *files, "--output", "patch"], capsys)
+    assert code == 0
+    patches = {json.loads(line)["source"].rsplit("/", 1)[1]: json.loads(line)["patch"]
+               for line in out.strip().splitlines()}  # fmt: skip
+    assert "DELETE.json" not in patches  # out of scope: the server sends no patch
+    assert [o["path"] for o in patches["UPDATE.json"]] == ["/spec/ephemeralContainers/0/image"]
+    assert len(patches["CREATE.json"]) == 3  # two images and the annotation

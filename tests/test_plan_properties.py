@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from webhook import ecr
 from webhook.imageref import parse
-from webhook.plan import Action, PlanContext, plan_pod
+from webhook.plan import Action, PlanContext, Reason, plan_pod
 from webhook.policy import MirrorTarget, Policy, RegionTarget
 
 FACTS = ecr.default_facts()
@@ -77,10 +77,19 @@ def test_planner_properties(region: str | None, policy: Policy, images: list[str
         assert after.path == before.path or after.path.endswith("/" + before.path)
         # never a target in another partition than the cluster's
         h = ecr.parse_host(after.host)
-        if region is not None and h is not None:
-            assert h.partition == FACTS.partition_of(region)
+        src = ecr.parse_host(before.host)
+        # without a cluster region, the image's own partition is the bound
+        want = FACTS.partition_of(region) if region is not None else (src and src.partition)
+        if h is not None:
+            assert h.partition == want, (d.image, d.target, region)
+        # an optional rewrite never gives up a working FIPS endpoint
+        if (
+            d.reason in (Reason.MIRROR_PREFERRED, Reason.CLUSTER_REGION_PREFERRED)
+            and src
+            and src.fips
+        ):
+            assert h is not None and h.fips, (d.image, d.target)
         if h is not None and FACTS.is_official(h):
-            src = ecr.parse_host(before.host)
             # FIPS / dual-stack kept where the target region has them
             if src is not None and src.fips and FACTS.regions[h.region].fips_host:
                 assert h.fips

@@ -110,3 +110,22 @@ def test_region_resolution_order() -> None:
     with pytest.raises(PolicyError) as exc:
         resolve_region(None, Policy(), {"AWS_REGION": "moon-1"})
     assert exc.value.field == "AWS_REGION"
+
+
+def test_targets_outside_the_policy_regions_partition_are_refused() -> None:
+    with pytest.raises(PolicyError) as exc:
+        load_policy(
+            "region: us-west-2\ntargets: [{type: official}, {type: region, region: cn-north-1}]"
+        )
+    assert exc.value.field == "targets[1]" and "aws-cn" in str(exc.value)
+    with pytest.raises(PolicyError) as exc:
+        load_policy(
+            "region: cn-north-1\ntargets: [{type: mirror, "
+            "registry: 111122223333.dkr.ecr.us-east-1.amazonaws.com}]"
+        )
+    assert exc.value.field == "targets[0]"
+
+
+def test_an_empty_repository_list_manages_nothing() -> None:
+    p = load_policy("repositories: []")
+    assert not p.manages("eks/pause") and not p.manages("amazon-k8s-cni")

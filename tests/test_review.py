@@ -130,3 +130,17 @@ def test_long_container_names_keep_the_reason() -> None:
     for w in admit(body, CTX).review["response"]["warnings"]:
         assert len(w) <= 120
         assert w.endswith("(wrong account for ap-southeast-4)"), w
+
+
+def test_ephemeral_update_leaves_existing_ephemeral_containers_alone() -> None:
+    """apiserver validation rejects any change to an existing ephemeral container."""
+    body = review(op="UPDATE", sub="ephemeralcontainers")
+    spec = body["request"]["object"]["spec"]
+    spec["ephemeralContainers"] = [{"name": "dbg", "image": BAD}, {"name": "dbg2", "image": BAD}]
+    body["request"]["oldObject"] = {
+        "spec": {"ephemeralContainers": [{"name": "dbg", "image": BAD}]}
+    }
+    outcome = admit(body, CTX)
+    ops = json.loads(base64.b64decode(outcome.review["response"]["patch"]))
+    assert [o["path"] for o in ops] == ["/spec/ephemeralContainers/1/image"]
+    assert [d.container for d in outcome.plan.decisions] == ["dbg2"]

@@ -213,7 +213,8 @@ def create_app(
         metrics.rewritten((str(d.reason), d.target) for d in outcome.plan.rewrites if d.target)
         if outcome.decision == "error":
             metrics.errors.labels("admit").inc()
-            log.error("internal error, pod admitted unchanged", err=outcome.error, uid=uid)
+            err = outcome.exception or outcome.error
+            log.error("internal error, pod admitted unchanged", err=err, uid=uid)
         try:
             audit.write(build_record(outcome, received, clock()))
         except Exception as exc:  # a lost record is counted and logged

@@ -34,14 +34,26 @@ def _owner(obj: Mapping[str, Any]) -> dict[str, str] | None:
     return {"kind": str(ref.get("kind", "")), "name": str(ref.get("name", ""))}
 
 
+def _mapping(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
 def build_record(outcome: Outcome, received: float, answered: float) -> dict[str, Any]:
-    """The audit record of one admission.  ``received``/``answered`` are epoch seconds."""
-    req = outcome.request
-    obj = req.get("object") or {}
-    meta = obj.get("metadata") if isinstance(obj.get("metadata"), Mapping) else {}
-    meta = meta or {}
-    user = req.get("userInfo") or {}
-    resource = req.get("resource") or {}
+    """The audit record of one admission.  ``received``/``answered`` are epoch seconds.
+
+    Never raises on odd request content (a review that failed open may carry
+    anything): every admission answered must have its record.
+    """
+    req: Mapping[str, Any] = outcome.request
+    obj = _mapping(req.get("object"))
+    meta = _mapping(obj.get("metadata"))
+    user = _mapping(req.get("userInfo"))
+    resource = _mapping(req.get("resource"))
+    groups = user.get("groups")
     containers = [
         {
             "container": d.container,
@@ -57,20 +69,24 @@ def build_record(outcome: Outcome, received: float, answered: float) -> dict[str
     return {
         "kind": KIND,
         "schemaVersion": SCHEMA_VERSION,
-        "auditID": req.get("uid"),
+        "auditID": _text(req.get("uid")),
         "stage": "ResponseComplete",
         "requestReceivedTimestamp": _iso(received),
         "stageTimestamp": _iso(answered),
         "latencySeconds": round(max(answered - received, 0.0), 6),
-        "operation": req.get("operation"),
-        "subResource": req.get("subResource", "") or "",
-        "dryRun": bool(req.get("dryRun", False)),
-        "user": {"username": user.get("username", ""), "groups": list(user.get("groups") or [])},
+        "operation": _text(req.get("operation")) or None,
+        "subResource": _text(req.get("subResource")),
+        # the field is a boolean in the API; anything else is not a dry run
+        "dryRun": req.get("dryRun") is True,
+        "user": {
+            "username": _text(user.get("username")),
+            "groups": [g for g in groups if isinstance(g, str)] if isinstance(groups, list) else [],
+        },
         "objectRef": {
-            "resource": resource.get("resource", ""),
-            "namespace": req.get("namespace") or meta.get("namespace") or "",
-            "name": req.get("name") or meta.get("name") or "",
-            "generateName": meta.get("generateName", ""),
+            "resource": _text(resource.get("resource")),
+            "namespace": _text(req.get("namespace")) or _text(meta.get("namespace")),
+            "name": _text(req.get("name")) or _text(meta.get("name")),
+            "generateName": _text(meta.get("generateName")),
         },
         "owner": _owner(obj),
         "decision": outcome.decision,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +29,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from webhook.errors import ConfigError
 
 CA_FILE, CERT_FILE, KEY_FILE = "ca.crt", "tls.crt", "tls.key"
+# RFC 1123 host names, plus a leading "*." wildcard label.
+_DNS_NAME = re.compile(
+    r"^(\*\.)?(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
 DEFAULT_VALIDITY_DAYS = 365
 
 
@@ -100,11 +106,18 @@ def build_certificate(
         .sign(ca_key, hashes.SHA256())
     )
     key = ec.generate_private_key(ec.SECP256R1())
+    for n in dns_names:
+        if not n or not n.isascii() or not _DNS_NAME.match(n):
+            raise ConfigError(
+                f"--dns {n!r}: not a DNS name (letters, digits, '-', '.'; IDNs in their xn-- form)"
+            )
     sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
     sans += [x509.IPAddress(a) for a in addresses]
     cert = (
         x509.CertificateBuilder()
-        .subject_name(_name(dns_names[0] if dns_names else str(addresses[0])))
+        # A fixed short CN: X.509 caps it at 64 characters and the apiserver
+        # reads only the SANs anyway.
+        .subject_name(_name("ecr-webhook"))
         .issuer_name(ca_name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())

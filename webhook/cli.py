@@ -19,6 +19,8 @@ from webhook import __version__
 from webhook.errors import EcrWebhookError
 
 OUTPUTS = ("diff", "patch", "yaml", "json")
+PORT = click.IntRange(1, 65535)
+DAYS = click.IntRange(1, 3650)  # at most ten years: a certificate is meant to rotate
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -56,15 +58,15 @@ def dry_run(
 
 @cli.command()
 @click.option("--host", default="0.0.0.0", show_default=True)
-@click.option("--port", type=int, default=8443, show_default=True)
-@click.option("--metrics-port", type=int, default=9090, show_default=True)
+@click.option("--port", type=PORT, default=8443, show_default=True)
+@click.option("--metrics-port", type=PORT, default=9090, show_default=True)
 @click.option("--cert-file", default="/etc/ecr-webhook/tls/tls.crt", show_default=True)
 @click.option("--key-file", default="/etc/ecr-webhook/tls/tls.key", show_default=True)
 @click.option("--policy", "policy_file", help="Policy YAML file; re-read when it changes.")
 @click.option("--region", help="Cluster region (default: policy, then AWS_REGION).")
 @click.option("--audit-log", default="-", show_default=True, help="Audit file, or - for stdout.")
-@click.option("--workers", type=int, default=2, show_default=True)
-@click.option("--threads", type=int, default=8, show_default=True)
+@click.option("--workers", type=click.IntRange(1, 64), default=2, show_default=True)
+@click.option("--threads", type=click.IntRange(1, 1024), default=8, show_default=True)
 @click.option(
     "--dev",
     is_flag=True,
@@ -117,7 +119,7 @@ def certs() -> None:
 @click.option("--namespace", default="ecr-webhook", show_default=True)
 @click.option("--dns", "dns", multiple=True, help="Extra DNS SAN (repeatable).")
 @click.option("--ip", "ips", multiple=True, help="IP SAN (repeatable).")
-@click.option("--days", type=int, default=365, show_default=True)
+@click.option("--days", type=DAYS, default=365, show_default=True)
 def certs_generate(
     out_dir: str,
     service: str | None,
@@ -152,7 +154,7 @@ def certs_generate(
     show_default=True,
     help="Renew when the certificate expires within this duration.",
 )
-@click.option("--days", type=int, default=365, show_default=True)
+@click.option("--days", type=DAYS, default=365, show_default=True)
 @click.option("--kubeconfig", default=None, help="Kubeconfig (default: in-cluster config).")
 def certs_bootstrap(
     namespace: str,

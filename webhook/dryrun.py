@@ -34,7 +34,9 @@ from webhook import policy as policy_mod
 from webhook.errors import ConfigError, EcrWebhookError, InputError
 from webhook.objects import pod_sites
 from webhook.patch import PatchOp, build_patch
-from webhook.plan import PlanContext, PodPlan, plan_pod
+from webhook.plan import CONTAINER_KINDS, PlanContext, PodPlan, plan_pod
+from webhook.policy import ORIGINALS_ANNOTATION
+from webhook.review import in_scope
 
 REPORT_SCHEMA_VERSION = "v1"
 _LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -181,11 +183,15 @@ def plan_documents(docs: list[Document], ctx: PlanContext, rewrite: bool = True)
         if doc.error is not None or doc.data is None:
             continue
         patched_doc: Any = None
+        kinds, annotation, out_of_scope = _review_scope(doc.data)
         for obj, site in pod_sites(doc.data):
             if site is None:
                 continue
-            plan = plan_pod(site.meta, site.spec, site.namespace, ctx)
-            patch = build_patch(obj, plan, site.spec_pointer, site.meta_pointer)
+            if out_of_scope:
+                plan = PodPlan(skipped=out_of_scope)
+            else:
+                plan = plan_pod(site.meta, site.spec, site.namespace, ctx, kinds)
+            patch = build_patch(obj, plan, site.spec_pointer, site.meta_pointer, annotation)
             result.objects.append(
                 ObjectResult(
                     doc.source, doc.index, obj, site.kind, site.namespace, site.name, plan, patch
@@ -198,6 +204,24 @@ def plan_documents(docs: list[Document], ctx: PlanContext, rewrite: bool = True)
         if patched_doc is not None:
             result.rewritten[n] = patched_doc
     return result
+
+
+def _review_scope(data: Mapping[str, Any]) -> tuple[tuple[str, ...], str | None, str | None]:
+    """(container kinds, annotation, why out of scope) for a document.
+
+    An AdmissionReview is planned exactly as the server would: only in-scope
+    operations, only new ephemeral containers' kinds, no annotation through the
+    ephemeralcontainers subresource.  Other documents: everything.
+    """
+    if data.get("kind") != "AdmissionReview" or not isinstance(data.get("request"), Mapping):
+        return CONTAINER_KINDS, ORIGINALS_ANNOTATION, None
+    request: Any = data["request"]
+    ok, kinds = in_scope(request)
+    if not ok:
+        op, sub = request.get("operation"), request.get("subResource") or ""
+        return (), None, f"out of the webhook's scope ({op} {sub or 'pods'})"
+    ephemeral = request.get("subResource") == "ephemeralcontainers"
+    return kinds, None if ephemeral else ORIGINALS_ANNOTATION, None
 
 
 def _apply_in_place(
@@ -337,6 +361,8 @@ def load_policy_file(path: str | None) -> policy_mod.Policy:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"--policy {path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--policy {path}: not UTF-8 text; a policy is YAML") from None
     return policy_mod.load_policy(text, source=path)
 
 

@@ -10,9 +10,10 @@ registries"; docs.aws.amazon.com/general/latest/gr/ecr.html)::
 
 Which account serves the EKS system images in a region comes from the package
 data ``data/ecr_accounts.csv`` and ``data/ecr_registry_host_variants.csv`` (copies
-of ../shared, each row with its sources; ``tests/test_ecr_data.py`` keeps the
-copies equal to the originals).  Loading that data is the one thing this module
-reads, and it reads only its own package data.
+of ../shared, each row with its sources; ``tests/test_ecr.py`` keeps the
+copies equal to the originals).  Loading that data (``default_facts``, once per
+process) is the one read in the pure core, and it reads only the package's own
+files; callers that want no read at all pass ``EcrFacts.from_csv(...)`` in.
 """
 
 from __future__ import annotations

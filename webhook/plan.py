@@ -334,7 +334,7 @@ def _judge(name: str, path: str, image: str, ctx: PlanContext) -> Decision:
 
     at_target = mirror is not None or _at_region_target(ref, ctx)
     if policy.prefer_mirror and mirror is None:
-        chosen = _choose(ref, upstream, ctx, policy.mirrors, policy.targets)
+        chosen = _choose(ref, upstream, ctx, policy.mirrors, policy.targets, optional=True)
         if chosen is not None:
             return Decision(
                 name, path, image, Action.REWRITE, Reason.MIRROR_PREFERRED, str(chosen[0]),
@@ -344,7 +344,7 @@ def _judge(name: str, path: str, image: str, ctx: PlanContext) -> Decision:
         h = ecr.parse_host(ref.host)
         if h is not None and h.region != ctx.cluster.region and ctx.facts.is_official(h):
             cluster_target = (RegionTarget(),)
-            chosen = _choose(ref, upstream, ctx, cluster_target)
+            chosen = _choose(ref, upstream, ctx, cluster_target, optional=True)
             if chosen is not None:
                 return Decision(
                     name, path, image, Action.REWRITE, Reason.CLUSTER_REGION_PREFERRED,
@@ -371,20 +371,24 @@ def _candidate(
     ref: ImageRef, upstream: str, target: MirrorTarget | RegionTarget, ctx: PlanContext
 ) -> ImageRef | None:
     cluster = ctx.cluster
+    h = ecr.parse_host(ref.host)
+    # Never a target in another partition than the cluster's.  With no cluster
+    # region the image's own partition stands in for it: without one or the
+    # other nothing says a move across partitions could work.
+    partition = cluster.partition or (h.partition if h is not None and h.consistent else None)
     if isinstance(target, MirrorTarget):
         mh = ecr.parse_host(target.registry.split(":")[0])
-        if mh is not None and cluster.partition and mh.partition != cluster.partition:
-            return None  # never a target in another partition
+        if mh is not None and mh.partition != partition:
+            return None
         domain, path = target.registry, target.path_for(upstream)
     else:
-        h = ecr.parse_host(ref.host)
         # No cluster region: fall back to the image's own region, which is what
         # fixes a wrong-account reference without any configuration.
         region = target.region or cluster.region or (h.region if h else None)
         if region is None or region not in ctx.facts.regions:
             return None
-        if cluster.partition and ctx.facts.partition_of(region) != cluster.partition:
-            return None  # never a target in another partition
+        if ctx.facts.partition_of(region) != partition:
+            return None
         domain = ctx.facts.official_host(
             region, fips=bool(h and h.fips), dualstack=bool(h and h.dualstack)
         )
@@ -401,12 +405,22 @@ def _choose(
     ctx: PlanContext,
     targets: Iterable[MirrorTarget | RegionTarget],
     numbering: Sequence[MirrorTarget | RegionTarget] | None = None,
+    optional: bool = False,
 ) -> tuple[ImageRef, str] | None:
-    """The first target that differs from ``ref`` and is not known unavailable."""
+    """The first target that differs from ``ref`` and is not known unavailable.
+
+    ``optional`` marks a rewrite the policy merely prefers (``preferMirror``,
+    ``preferClusterRegion``): such a rewrite must not move a working FIPS
+    reference to a host without a FIPS endpoint.
+    """
+    source = ecr.parse_host(ref.host)
+    keep_fips = optional and source is not None and source.fips
     order = list(numbering if numbering is not None else ctx.policy.targets)
     for t in targets:
         cand = _candidate(ref, upstream, t, ctx)
         if cand is None or cand.name == ref.name:
+            continue
+        if keep_fips and not _is_fips(cand):
             continue
         if ctx.oracle.check(cand).availability is Availability.UNAVAILABLE:
             continue
@@ -415,6 +429,6 @@ def _choose(
     return None
 
 
-def replan_images(plan: PodPlan) -> dict[str, str]:
-    """container path -> new image, for applying a plan to data (tests, dry-run)."""
-    return {d.path: d.target for d in plan.rewrites if d.target is not None}
+def _is_fips(ref: ImageRef) -> bool:
+    h = ecr.parse_host(ref.host)
+    return h is not None and h.fips

@@ -216,7 +216,9 @@ def policy_from_mapping(
     if region is not None:
         region = _region(region, "region", source, facts)
 
-    repos = _str_list(doc, "repositories", source, "") or DEFAULT_REPOSITORIES
+    # An explicit list replaces the defaults, even an empty one (manage nothing).
+    listed = _str_list(doc, "repositories", source, "")
+    repos = DEFAULT_REPOSITORIES if listed is None else listed
     repos += _str_list(doc, "additionalRepositories", source, "") or ()
 
     exclude = doc.get("exclude") or {}
@@ -256,6 +258,17 @@ def policy_from_mapping(
         prefer_mirror=_bool(doc, "preferMirror", source),
         source=source,
     )
+    if region is not None:
+        want = facts.partition_of(region)
+        for i, t in enumerate(targets):
+            other = _target_partition(t, facts)
+            if other is not None and other != want:
+                raise _fail(
+                    f"targets[{i}]", t.describe(),
+                    f"is in partition {other}, the cluster region {region} in {want}; "
+                    "a target is never used across partitions",
+                    source,
+                )  # fmt: skip
     if policy.prefer_mirror and not policy.mirrors:
         raise _fail("preferMirror", True, "needs at least one target of type mirror", source)
     return policy
@@ -295,6 +308,13 @@ def _targets(value: object, src: str, facts: ecr.EcrFacts) -> tuple[Target, ...]
         else:
             raise _fail(f"{where}.type", kind, "must be one of mirror, official, region", src)
     return tuple(out)
+
+
+def _target_partition(t: Target, facts: ecr.EcrFacts) -> str | None:
+    if isinstance(t, RegionTarget):
+        return facts.partition_of(t.region) if t.region else None
+    h = ecr.parse_host(t.registry.split(":")[0])
+    return h.partition if h is not None else None
 
 
 def load_policy(text: str, source: str = "policy", facts: ecr.EcrFacts | None = None) -> Policy:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, NotRequired, TypedDict
 
 from webhook.errors import ReviewError
@@ -93,6 +93,9 @@ class Outcome:
     warnings: tuple[str, ...] = ()
     skipped: str | None = None
     error: str | None = None
+    # The exception behind an "error" decision, for the operational log's stack
+    # trace; never serialised into the audit record.
+    exception: BaseException | None = field(default=None, compare=False, repr=False)
 
 
 def parse_review(body: object) -> tuple[str, AdmissionRequest]:
@@ -176,18 +179,34 @@ def admit(body: object, ctx: PlanContext) -> Outcome:
     plan = plan_pod(meta, pod.get("spec"), namespace, ctx, kinds)
     if plan.skipped:
         return Outcome(response(api_version, uid), "skipped", request, plan, skipped=plan.skipped)
+    ephemeral = request.get("subResource") == "ephemeralcontainers"
+    if ephemeral:
+        # Existing ephemeral containers may not be changed: apiserver validation
+        # (ValidatePodEphemeralContainersUpdate) rejects the whole update with 422
+        # ("existing ephemeral containers ... may not be changed").  Only the ones
+        # this update adds (absent from oldObject) are planned.
+        plan = _only_new(plan, request.get("oldObject"))
     # Through pods/ephemeralcontainers the apiserver keeps only
     # spec.ephemeralContainers of the patched object (the subresource's update
     # strategy drops every other change, annotations included, without an error;
     # seen against kube-apiserver v1.37 in tests/e2e/test_webhook.py).  So only the
     # image operations are sent there, and the audit record keeps the originals.
-    ephemeral = request.get("subResource") == "ephemeralcontainers"
     patch = tuple(build_patch(pod, plan, annotation=None if ephemeral else ORIGINALS_ANNOTATION))
     warnings = tuple(d.short_message(MAX_WARNING) for d in plan.rewrites + plan.warnings)
     decision: Decision = "patched" if patch else "unchanged"
     return Outcome(
         response(api_version, uid, patch, warnings), decision, request, plan, patch, warnings
     )
+
+
+def _only_new(plan: PodPlan, old: object) -> PodPlan:
+    """``plan`` without the ephemeral containers that ``old`` (oldObject) already had."""
+    spec = old.get("spec") if isinstance(old, Mapping) else None
+    existing = spec.get("ephemeralContainers") if isinstance(spec, Mapping) else None
+    names = {c.get("name") for c in existing or [] if isinstance(c, Mapping)}
+    if not names:
+        return plan
+    return replace(plan, decisions=tuple(d for d in plan.decisions if d.container not in names))
 
 
 def fail_open(body: object, error: BaseException) -> Outcome:
@@ -204,4 +223,5 @@ def fail_open(body: object, error: BaseException) -> Outcome:
         request,
         warnings=(message,),
         error=f"{type(error).__name__}: {error}",
+        exception=error,
     )

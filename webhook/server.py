@@ -41,6 +41,7 @@ What the launcher sets up, and why:
 from __future__ import annotations
 
 import base64
+import contextlib
 import glob
 import os
 import selectors
@@ -124,9 +125,13 @@ class WebhookWorker(gthread.ThreadWorker):  # type: ignore[misc]
             _recv_timeout(conn.sock, 0)
         except Exception as exc:  # any handshake failure closes the connection
             self.log.debug("TLS handshake failed: %s", exc)
-            # Closed here, so the worker's graceful close does not linger on
-            # the main thread waiting for a peer that stopped talking.
-            conn.sock.close()
+            # Shut down (not closed) here, so the worker's graceful close does not
+            # linger on the main thread waiting for a peer that stopped talking,
+            # and still closes the socket exactly once: closing it here made that
+            # close fail and gthread count the connection out twice, so nr_conns
+            # went negative and graceful shutdown stopped waiting for requests.
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
             return False
         conn.data_ready = False
         if _has_input(conn.sock):
@@ -321,14 +326,17 @@ def _use_multiprocess_values() -> None:
     values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
 
 
-def validate(config: ServeConfig) -> None:
-    """Everything that can be checked before forking; raises EcrWebhookError."""
+def validate(config: ServeConfig) -> str | None:
+    """Everything that can be checked before forking; raises EcrWebhookError.
+
+    Returns the cluster region the policy, ``--region`` and the environment give.
+    """
     if config.workers < 1 or config.threads < 1:
         raise ConfigError(
             f"--workers {config.workers} --threads {config.threads}: both must be >= 1"
         )
     load_certificate(config.cert_file, config.key_file)
-    build_context(config.policy_file, config.region, os.environ)
+    region = build_context(config.policy_file, config.region, os.environ).cluster.region
     if config.audit_log != "-":
         try:
             fd = os.open(config.audit_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
@@ -340,6 +348,7 @@ def validate(config: ServeConfig) -> None:
     if config.port == config.metrics_port:
         raise ConfigError(f"--metrics-port {config.metrics_port}: must differ from --port")
     check_port_free(config.host, config.port, "--port")
+    return region
 
 
 def run(
@@ -357,7 +366,13 @@ def run(
     if config.dev:
         config = prepare_dev(config)
     log = logs.configure(config.log_verbosity)
-    validate(config)
+    region = validate(config)
+    if region is None:
+        # Without the cluster's region a commercial image in a China or GovCloud
+        # cluster cannot be told apart, and preferClusterRegion does nothing;
+        # only wrong accounts are fixed, within each image's own region.
+        log.error("no cluster region: set --region, the policy's region or AWS_REGION; "
+                    "partition checks are off")  # fmt: skip
     metrics_sock = listen(config.host, config.metrics_port, "--metrics-port")
     metrics_sock.setblocking(False)
 
