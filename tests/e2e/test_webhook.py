@@ -438,6 +438,37 @@ def test_ephemeral_container_added_through_the_subresource_is_rewritten(
     assert texts == records[1]["warnings"] and "debugger" in texts[0]
 
 
+def test_a_second_ephemeral_container_leaves_the_first_as_it_is(cluster: Cluster) -> None:
+    """An ephemeral container admitted unrewritten (here: while the pod was opted
+    out) may never be changed: apiserver validation rejects the whole update.
+    Adding a second one must rewrite only the new one, and succeed."""
+    c = cluster
+    ns = c.namespace("e2e-ephemeral2")
+    name = unique("debugged")
+    good = rewritten(WRONG_IMAGE)
+    pod = simple_pod(name, {"app": good})
+    pod["metadata"].setdefault("labels", {})["ecr-webhook.io/skip"] = "true"
+    c.create_pod(ns, pod)
+    first_image = f"{SOURCE_REGISTRY}/eks/debug:1.0"
+    second_image = f"{SOURCE_REGISTRY}/eks/debug:2.0"
+
+    def add(debugger: str, image: str) -> None:
+        patch = {"spec": {"ephemeralContainers": [{"name": debugger, "image": image}]}}
+        c.core.patch_namespaced_pod_ephemeralcontainers(
+            name, ns, patch, _content_type="application/strategic-merge-patch+json"
+        )
+
+    add("first", first_image)  # opted out: not sent, stays wrong
+    c.core.patch_namespaced_pod(name, ns, {"metadata": {"labels": {"ecr-webhook.io/skip": None}}})
+    add("second", second_image)  # sent: only "second" may change
+
+    stored = c.read_pod(ns, name)
+    assert all_images(stored) == {
+        "app": good, "first": first_image, "second": rewritten(second_image)}  # fmt: skip
+    (record,) = [r for r in c.audit.for_pod(ns, name) if r["subResource"] == "ephemeralcontainers"]
+    assert [d["container"] for d in record["containers"]] == ["second"]
+
+
 # -------------------------------------------------------------------- reinvocation
 
 
