@@ -11,7 +11,6 @@ what a kubelet would (labels, a Ready condition, capacity).
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -24,8 +23,8 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from tests.e2e.controlplane import ControlPlane
-from tests.e2e.webhook_support import AuditFile, project_configuration, simple_pod
-from tests.serving import REGION, ServerProcess, apiserver_tls_context, ecr_webhook, free_port
+from tests.e2e.webhook_support import AuditFile, project_configuration, serve_webhook, simple_pod
+from tests.serving import ServerProcess, apiserver_tls_context
 
 MERGE_PATCH = "application/merge-patch+json"
 
@@ -187,29 +186,14 @@ def registered_webhook(cp: ControlPlane, tmp: Path, probe_image: str) -> Iterato
     ``default`` is repeated until the audit file has it.  The configuration is
     removed and the server stopped on exit.
     """
-    cert_dir = tmp / "certs"
-    generated = subprocess.run(
-        [*ecr_webhook(), "certs", "generate", "--out-dir", str(cert_dir),
-         "--ip", "127.0.0.1", "--dns", "localhost"],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert generated.returncode == 0, f"certs generate: {generated.stderr}"
-    ca_pem = (cert_dir / "ca.crt").read_bytes()
-    port, metrics_port = free_port(), free_port()
-    audit = AuditFile(tmp / "audit.jsonl")
-    server = ServerProcess(
-        [*ecr_webhook(), "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--metrics-port", str(metrics_port), "--cert-file", str(cert_dir / "tls.crt"),
-         "--key-file", str(cert_dir / "tls.key"), "--region", REGION,
-         "--audit-log", str(audit.path), "--workers", "1", "--threads", "4"],
-        stdout=tmp / "server.out", stderr=tmp / "server.err",
-    )  # fmt: skip
+    served = serve_webhook(tmp)
+    server, port, audit, ca_pem = served.server, served.port, served.audit, served.ca_pem
     api = config.new_client_from_config(config_file=str(cp.kubeconfig))  # type: ignore[no-untyped-call]
     admission = client.AdmissionregistrationV1Api(api)
     core = client.CoreV1Api(api)
     hook = Webhook(server, port, audit, unique("e2e-ecr-webhook"))
     try:
-        server.wait_ready(port, apiserver_tls_context(cert_dir / "ca.crt"))
+        server.wait_ready(port, apiserver_tls_context(served.ca_file))
         admission.create_mutating_webhook_configuration(
             client.V1MutatingWebhookConfiguration.model_validate(
                 project_configuration(hook.config_name, f"127.0.0.1:{port}", ca_pem)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -41,16 +40,15 @@ from tests.e2e.webhook_support import (
     parse_warning_headers,
     pod_from_template,
     project_configuration,
+    serve_webhook,
     simple_pod,
 )
 from tests.serving import (
     ORIGINALS,
-    REGION,
     SOURCE_REGISTRY,
     TARGET_REGISTRY,
     ServerProcess,
     apiserver_tls_context,
-    ecr_webhook,
     free_port,
 )
 
@@ -148,23 +146,9 @@ class Cluster:
 def cluster(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory
             ) -> Iterator[Cluster]:  # fmt: skip
     """``ecr-webhook serve`` on 127.0.0.1, registered from the project's manifest."""
-    tmp = tmp_path_factory.mktemp("webhook")
-    cert_dir = tmp / "certs"
-    generated = subprocess.run([*ecr_webhook(), "certs", "generate", "--out-dir", str(cert_dir),
-                                "--ip", "127.0.0.1", "--dns", "localhost"],
-                               capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
-    assert generated.returncode == 0, f"certs generate: {generated.stderr}"
-    ca_pem = (cert_dir / "ca.crt").read_bytes()
+    served = serve_webhook(tmp_path_factory.mktemp("webhook"))
+    server, port, audit, ca_pem = served.server, served.port, served.audit, served.ca_pem
     api = config.new_client_from_config(config_file=str(control_plane.kubeconfig))  # type: ignore[no-untyped-call]
-    port, metrics_port = free_port(), free_port()
-    audit = AuditFile(tmp / "audit.jsonl")
-    server = ServerProcess(
-        [*ecr_webhook(), "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--metrics-port", str(metrics_port), "--cert-file", str(cert_dir / "tls.crt"),
-         "--key-file", str(cert_dir / "tls.key"), "--region", REGION,
-         "--audit-log", str(audit.path), "--workers", "1", "--threads", "4"],
-        stdout=tmp / "server.out", stderr=tmp / "server.err",
-    )  # fmt: skip
     # Sorts before the other configurations of this module: the apiserver
     # calls webhooks in configuration-name order (reinvocation test).
     name = unique("a-e2e-ecr-webhook")
@@ -172,7 +156,7 @@ def cluster(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactor
                 client.BatchV1Api(api), client.AdmissionregistrationV1Api(api), server, port,
                 ca_pem, audit, name)  # fmt: skip
     try:
-        server.wait_ready(port, apiserver_tls_context(cert_dir / "ca.crt"))
+        server.wait_ready(port, apiserver_tls_context(served.ca_file))
         c.register(project_configuration(name, f"127.0.0.1:{port}", ca_pem))
         probe_ns = c.namespace("e2e-probe")
 

@@ -13,14 +13,17 @@ import copy
 import json
 import re
 import ssl
+import subprocess
 import threading
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from tests.serving import REGION, ServerProcess, ecr_webhook, free_port
 from webhook import certs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,6 +55,44 @@ def project_configuration(
             selector = hook.setdefault("objectSelector", {})
             selector.setdefault("matchLabels", {}).update(object_selector)
     return doc
+
+
+# --------------------------------------------------------------------- the server
+
+
+@dataclass
+class Served:
+    """A running ``ecr-webhook serve`` and what a test needs to reach it."""
+
+    server: ServerProcess
+    port: int
+    audit: AuditFile
+    ca_pem: bytes
+    ca_file: Path
+
+
+def serve_webhook(tmp: Path) -> Served:
+    """``ecr-webhook certs generate``, then ``ecr-webhook serve --region ap-southeast-4``
+    on 127.0.0.1, auditing to a file.  Started, not yet ready: the caller waits
+    (``server.wait_ready``) inside its own cleanup, and stops the server."""
+    cert_dir = tmp / "certs"
+    generated = subprocess.run(
+        [*ecr_webhook(), "certs", "generate", "--out-dir", str(cert_dir),
+         "--ip", "127.0.0.1", "--dns", "localhost"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert generated.returncode == 0, f"certs generate: {generated.stderr}"
+    port, metrics_port = free_port(), free_port()
+    audit = AuditFile(tmp / "audit.jsonl")
+    server = ServerProcess(
+        [*ecr_webhook(), "serve", "--host", "127.0.0.1", "--port", str(port),
+         "--metrics-port", str(metrics_port), "--cert-file", str(cert_dir / "tls.crt"),
+         "--key-file", str(cert_dir / "tls.key"), "--region", REGION,
+         "--audit-log", str(audit.path), "--workers", "1", "--threads", "4"],
+        stdout=tmp / "server.out", stderr=tmp / "server.err",
+    )  # fmt: skip
+    ca_file = cert_dir / "ca.crt"
+    return Served(server, port, audit, ca_file.read_bytes(), ca_file)
 
 
 # ----------------------------------------------------------------------- audit file
