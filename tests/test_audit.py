@@ -38,8 +38,9 @@ def test_record_fields() -> None:
 
 
 def test_odd_request_still_gets_a_record() -> None:
+    """Fields of the right outer type with odd insides (parse_review accepts them)."""
     body = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
-        "uid": "u2", "resource": "pods", "userInfo": "nobody", "dryRun": "false",
+        "uid": "u2", "resource": {"resource": 7}, "userInfo": {"username": 1, "groups": "g"},
         "object": {"metadata": ["not", "a", "map"]}}}  # fmt: skip
     rec = build_record(fail_open(body, RuntimeError("boom")), 1.0, 2.0)
     assert rec["decision"] == "error" and rec["error"] == "RuntimeError: boom"

@@ -98,6 +98,21 @@ class Outcome:
     exception: BaseException | None = field(default=None, compare=False, repr=False)
 
 
+# The request fields this webhook reads, and their types in admission.k8s.io
+# (k8s.io/api/admission/v1 AdmissionRequest); a review that breaks them is malformed.
+_REQUEST_FIELDS: tuple[tuple[str, type | tuple[type, ...]], ...] = (
+    ("operation", str),
+    ("subResource", str),
+    ("namespace", str),
+    ("name", str),
+    ("resource", Mapping),
+    ("userInfo", Mapping),
+    ("object", Mapping),
+    ("oldObject", Mapping),
+    ("dryRun", bool),
+)
+
+
 def parse_review(body: object) -> tuple[str, AdmissionRequest]:
     """Validate the envelope; return (apiVersion, request).  Raises ReviewError."""
     if not isinstance(body, Mapping):
@@ -115,6 +130,10 @@ def parse_review(body: object) -> tuple[str, AdmissionRequest]:
     uid = request.get("uid")
     if not isinstance(uid, str) or not uid:
         raise ReviewError("request.uid is missing or empty")
+    for name, types in _REQUEST_FIELDS:
+        value = request.get(name)
+        if value is not None and not isinstance(value, types):
+            raise ReviewError(f"request.{name} has the wrong type ({type(value).__name__})")
     return str(api_version), AdmissionRequest(**request)  # type: ignore[typeddict-item]
 
 
