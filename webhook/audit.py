@@ -9,8 +9,8 @@ The schema is a contract: add fields, never rename or remove them without a new
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 from webhook.review import Outcome
@@ -20,7 +20,12 @@ SCHEMA_VERSION = "v1"
 
 
 def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    """RFC 3339 UTC with microseconds, as Kubernetes audit events write them."""
+    seconds = int(ts)
+    micros = round((ts - seconds) * 1e6)
+    if micros == 1_000_000:
+        seconds, micros = seconds + 1, 0
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{micros:06d}Z"
 
 
 def _owner(obj: Mapping[str, Any]) -> dict[str, str] | None:
