@@ -31,7 +31,7 @@ import jsonpatch
 import yaml
 
 from webhook import policy as policy_mod
-from webhook.errors import ConfigError, EcrWebhookError, InputError
+from webhook.errors import ConfigError, InputError
 from webhook.objects import pod_sites
 from webhook.patch import PatchOp, build_patch
 from webhook.plan import CONTAINER_KINDS, PlanContext, PodPlan, plan_pod
@@ -53,15 +53,11 @@ class ObjectResult:
     kind: str
     namespace: str | None
     name: str | None
+    spec_pointer: str
     plan: PodPlan
     patch: list[PatchOp]
 
     def report(self) -> dict[str, Any]:
-        spec_ptr = ""
-        for op in self.patch:
-            if op["path"].endswith("/image"):
-                spec_ptr = op["path"].rsplit("/", 3)[0]
-                break
         return {
             "source": self.source,
             "index": self.index,
@@ -71,7 +67,7 @@ class ObjectResult:
             "rewrites": [
                 {
                     "container": d.container,
-                    "path": f"{spec_ptr}/{d.path}",
+                    "path": f"{self.spec_pointer}/{d.path}",
                     "from": d.image,
                     "to": d.target,
                     "reason": str(d.reason),
@@ -194,7 +190,15 @@ def plan_documents(docs: list[Document], ctx: PlanContext, rewrite: bool = True)
             patch = build_patch(obj, plan, site.spec_pointer, site.meta_pointer, annotation)
             result.objects.append(
                 ObjectResult(
-                    doc.source, doc.index, obj, site.kind, site.namespace, site.name, plan, patch
+                    doc.source,
+                    doc.index,
+                    obj,
+                    site.kind,
+                    site.namespace,
+                    site.name,
+                    site.spec_pointer,
+                    plan,
+                    patch,
                 )
             )
             if patch and rewrite:
@@ -366,4 +370,4 @@ def load_policy_file(path: str | None) -> policy_mod.Policy:
     return policy_mod.load_policy(text, source=path)
 
 
-__all__ = ["EcrWebhookError", "plan_documents", "read_documents", "render", "run"]
+__all__ = ["plan_documents", "read_documents", "render", "run"]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from importlib import resources
@@ -226,9 +226,6 @@ class EcrFacts:
         """True when ``host`` is exactly the EKS account of its own region."""
         facts = self.regions.get(host.region)
         return facts is not None and facts.account == host.account and host.consistent
-
-    def regions_in(self, partition_id: str) -> Iterable[str]:
-        return sorted(r for r, f in self.regions.items() if f.partition == partition_id)
 
 
 @cache

@@ -220,7 +220,6 @@ class Decision:
 class PodPlan:
     decisions: tuple[Decision, ...] = ()
     skipped: str | None = None
-    notes: tuple[str, ...] = field(default=())
 
     @property
     def rewrites(self) -> tuple[Decision, ...]:
