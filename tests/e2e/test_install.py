@@ -16,13 +16,10 @@ from __future__ import annotations
 import base64
 import copy
 import json
-import ssl
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +29,8 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from tests.e2e.controlplane import ControlPlane
+from tests.e2e.webhook_support import ReviewEndpoint
 from tests.manifests_support import build_with
-from webhook import certs
 
 pytestmark = pytest.mark.e2e
 
@@ -99,51 +96,24 @@ class Recorder:
     """An HTTPS AdmissionReview endpoint on 127.0.0.1 that records and allows."""
 
     def __init__(self, tmp: Path) -> None:
-        bundle = certs.build_certificate(["localhost"], ["127.0.0.1"], days=1)
-        certs.write_bundle(bundle, tmp)
-        self.ca_pem = bundle.ca_pem
         self.calls: list[dict[str, Any]] = []
-        recorder = self
+        self.endpoint = ReviewEndpoint(tmp, self._respond)
+        self.ca_pem, self.url = self.endpoint.ca_pem, self.endpoint.url
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                req = body["request"]
-                recorder.calls.append({
-                    "namespace": req.get("namespace"), "name": req.get("name"),
-                    "operation": req["operation"], "subResource": req.get("subResource"),
-                    "dryRun": req.get("dryRun"), "apiVersion": body["apiVersion"],
-                })  # fmt: skip
-                answer = json.dumps(
-                    {
-                        "apiVersion": body["apiVersion"],
-                        "kind": "AdmissionReview",
-                        "response": {"uid": req["uid"], "allowed": True},
-                    }
-                ).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(str(tmp / "tls.crt"), str(tmp / "tls.key"))
-        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
-        self.url = f"https://127.0.0.1:{self.server.server_address[1]}/mutate"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+    def _respond(self, body: dict[str, Any]) -> dict[str, Any]:
+        req = body["request"]
+        self.calls.append({
+            "namespace": req.get("namespace"), "name": req.get("name"),
+            "operation": req["operation"], "subResource": req.get("subResource"),
+            "dryRun": req.get("dryRun"), "apiVersion": body["apiVersion"],
+        })  # fmt: skip
+        return {"uid": req["uid"], "allowed": True}
 
     def names(self) -> set[str]:
         return {c["name"] for c in self.calls}
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.endpoint.close()
 
 
 def pod(name: str, *, containers: list[str] | None = None, init: list[str] | None = None,

@@ -15,7 +15,7 @@ import re
 import ssl
 import subprocess
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,6 +25,7 @@ import yaml
 
 from tests.serving import REGION, ServerProcess, ecr_webhook, free_port
 from webhook import certs
+from webhook.patch import escape
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFEST = ROOT / "manifests" / "base" / "mutatingwebhookconfiguration.yaml"
@@ -178,46 +179,26 @@ def all_images(pod: Mapping[str, Any]) -> dict[str, str]:
 # ----------------------------------------------------------- a second real webhook
 
 
-class Labeler:
-    """A mutating admission webhook on https://127.0.0.1 that adds one label.
+class ReviewEndpoint:
+    """An HTTPS AdmissionReview endpoint on 127.0.0.1, for the tests' own webhooks.
 
-    It answers every AdmissionReview with ``allowed: true`` and, when the pod
-    lacks ``label``, a JSONPatch adding it (so the object changes and the
-    kube-apiserver reinvokes earlier webhooks with ``reinvocationPolicy:
-    IfNeeded``).  Every call is recorded with the images the pod had then.
+    ``respond(review)`` gets every decoded AdmissionReview and returns the
+    ``response`` member (``uid`` and ``allowed`` at least); the endpoint wraps it
+    in an AdmissionReview of the request's apiVersion.  Its certificate comes
+    from ``webhook.certs``; ``ca_pem`` is the caBundle to register.
     """
 
-    def __init__(self, tmp: Path, label: str, value: str) -> None:
+    def __init__(self, tmp: Path, respond: Callable[[dict[str, Any]], dict[str, Any]],
+                 path: str = "/mutate") -> None:  # fmt: skip
         bundle = certs.build_certificate(["localhost"], ["127.0.0.1"], days=1)
         certs.write_bundle(bundle, tmp)
         self.ca_pem = bundle.ca_pem
-        self.calls: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-        labeler = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                req = body["request"]
-                pod = req["object"]
-                labels = pod["metadata"].get("labels") or {}
-                call = {"uid": req["uid"], "name": req.get("name"),
-                        "images": all_images(pod), "labels": dict(labels)}  # fmt: skip
-                with labeler._lock:
-                    labeler.calls.append(call)
-                response: dict[str, Any] = {"uid": req["uid"], "allowed": True}
-                if labels.get(label) != value:
-                    key = label.replace("~", "~0").replace("/", "~1")  # RFC 6901
-                    op: dict[str, Any] = (
-                        {"op": "add", "path": f"/metadata/labels/{key}", "value": value}
-                        if labels
-                        else {"op": "add", "path": "/metadata/labels", "value": {label: value}}
-                    )
-                    ops = [op]
-                    response["patchType"] = "JSONPatch"
-                    response["patch"] = base64.b64encode(json.dumps(ops).encode()).decode()
                 answer = json.dumps({"apiVersion": body["apiVersion"], "kind": "AdmissionReview",
-                                     "response": response}).encode()  # fmt: skip
+                                     "response": respond(body)}).encode()  # fmt: skip
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(answer)))
@@ -231,14 +212,53 @@ class Labeler:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(str(tmp / certs.CERT_FILE), str(tmp / certs.KEY_FILE))
         self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
-        self.url = f"https://127.0.0.1:{self.server.server_address[1]}/label"
+        self.url = f"https://127.0.0.1:{self.server.server_address[1]}{path}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Labeler:
+    """A mutating admission webhook on https://127.0.0.1 that adds one label.
+
+    It answers every AdmissionReview with ``allowed: true`` and, when the pod
+    lacks ``label``, a JSONPatch adding it (so the object changes and the
+    kube-apiserver reinvokes earlier webhooks with ``reinvocationPolicy:
+    IfNeeded``).  Every call is recorded with the images the pod had then.
+    """
+
+    def __init__(self, tmp: Path, label: str, value: str) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self.label, self.value = label, value
+        self.endpoint = ReviewEndpoint(tmp, self._respond, "/label")
+        self.ca_pem, self.url = self.endpoint.ca_pem, self.endpoint.url
+
+    def _respond(self, body: dict[str, Any]) -> dict[str, Any]:
+        req = body["request"]
+        pod = req["object"]
+        labels = pod["metadata"].get("labels") or {}
+        call = {"uid": req["uid"], "name": req.get("name"),
+                "images": all_images(pod), "labels": dict(labels)}  # fmt: skip
+        with self._lock:
+            self.calls.append(call)
+        response: dict[str, Any] = {"uid": req["uid"], "allowed": True}
+        if labels.get(self.label) != self.value:
+            op: dict[str, Any] = (
+                {"op": "add", "path": f"/metadata/labels/{escape(self.label)}", "value": self.value}
+                if labels
+                else {"op": "add", "path": "/metadata/labels", "value": {self.label: self.value}}
+            )
+            response["patchType"] = "JSONPatch"
+            response["patch"] = base64.b64encode(json.dumps([op]).encode()).decode()
+        return response
 
     def calls_for(self, name: str) -> list[dict[str, Any]]:
         with self._lock:
             return [c for c in self.calls if c["name"] == name]
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.endpoint.close()
