@@ -304,3 +304,24 @@ def test_admission_review_input_follows_the_servers_scope(
     assert "DELETE.json" not in patches  # out of scope: the server sends no patch
     assert [o["path"] for o in patches["UPDATE.json"]] == ["/spec/ephemeralContainers/0/image"]
     assert len(patches["CREATE.json"]) == 3  # two images and the annotation
+
+
+def test_invalid_admission_review_is_a_document_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    f = tmp_path / "bad-review.json"
+    f.write_text(
+        json.dumps(
+            {
+                "apiVersion": "admission.k8s.io/v1",
+                "kind": "AdmissionReview",
+                "request": {"uid": "", "object": _pod("x", f"{A4}/eks/pause:3.10")},
+            }
+        )
+    )
+    code, out, err = run(["--region", "ap-southeast-4", "-f", str(f), "--output", "json"], capsys)
+    assert code == 2
+    assert err.strip() == (
+        f"error: {f}: document 0: not a valid AdmissionReview: request.uid is missing or empty"
+    )
+    assert json.loads(out)["objects"] == []

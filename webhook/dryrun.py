@@ -31,12 +31,11 @@ import jsonpatch
 import yaml
 
 from webhook import policy as policy_mod
-from webhook.errors import ConfigError, InputError
+from webhook.errors import ConfigError, InputError, ReviewError
 from webhook.objects import pod_sites
 from webhook.patch import PatchOp, build_patch
-from webhook.plan import CONTAINER_KINDS, PlanContext, PodPlan, plan_pod
-from webhook.policy import ORIGINALS_ANNOTATION
-from webhook.review import in_scope
+from webhook.plan import PlanContext, PodPlan, plan_pod
+from webhook.review import Outcome, admit
 
 REPORT_SCHEMA_VERSION = "v1"
 _LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -179,15 +178,20 @@ def plan_documents(docs: list[Document], ctx: PlanContext, rewrite: bool = True)
         if doc.error is not None or doc.data is None:
             continue
         patched_doc: Any = None
-        kinds, annotation, out_of_scope = _review_scope(doc.data)
+        reviewed = _admit(doc, ctx)
+        if doc.error is not None:
+            continue
         for obj, site in pod_sites(doc.data):
             if site is None:
                 continue
-            if out_of_scope:
-                plan = PodPlan(skipped=out_of_scope)
+            if reviewed is not None:
+                # An AdmissionReview is answered exactly as the server answers it.
+                plan, patch = reviewed.plan, list(reviewed.patch)
+                if reviewed.skipped and not plan.skipped:
+                    plan = PodPlan(skipped=reviewed.skipped)
             else:
-                plan = plan_pod(site.meta, site.spec, site.namespace, ctx, kinds)
-            patch = build_patch(obj, plan, site.spec_pointer, site.meta_pointer, annotation)
+                plan = plan_pod(site.meta, site.spec, site.namespace, ctx)
+                patch = build_patch(obj, plan, site.spec_pointer, site.meta_pointer)
             result.objects.append(
                 ObjectResult(
                     doc.source,
@@ -210,22 +214,18 @@ def plan_documents(docs: list[Document], ctx: PlanContext, rewrite: bool = True)
     return result
 
 
-def _review_scope(data: Mapping[str, Any]) -> tuple[tuple[str, ...], str | None, str | None]:
-    """(container kinds, annotation, why out of scope) for a document.
+def _admit(doc: Document, ctx: PlanContext) -> Outcome | None:
+    """The server's answer to an AdmissionReview document (None for other kinds).
 
-    An AdmissionReview is planned exactly as the server would: only in-scope
-    operations, only new ephemeral containers' kinds, no annotation through the
-    ephemeralcontainers subresource.  Other documents: everything.
+    A review the server would reject with 400 becomes the document's error.
     """
-    if data.get("kind") != "AdmissionReview" or not isinstance(data.get("request"), Mapping):
-        return CONTAINER_KINDS, ORIGINALS_ANNOTATION, None
-    request: Any = data["request"]
-    ok, kinds = in_scope(request)
-    if not ok:
-        op, sub = request.get("operation"), request.get("subResource") or ""
-        return (), None, f"out of the webhook's scope ({op} {sub or 'pods'})"
-    ephemeral = request.get("subResource") == "ephemeralcontainers"
-    return kinds, None if ephemeral else ORIGINALS_ANNOTATION, None
+    if doc.data.get("kind") != "AdmissionReview":
+        return None
+    try:
+        return admit(doc.data, ctx)
+    except ReviewError as exc:
+        doc.error = f"not a valid AdmissionReview: {exc}"
+        return None
 
 
 def _apply_in_place(
@@ -349,11 +349,11 @@ def run(
             failed = True
             continue
         docs.extend(read_documents(name, text))
+    result = plan_documents(docs, ctx, rewrite=output in ("yaml", "diff"))
     for d in docs:
         if d.error is not None:
             err.write(f"error: {d.source}: document {d.index}: {d.error}\n")
             failed = True
-    result = plan_documents(docs, ctx, rewrite=output in ("yaml", "diff"))
     render(result, output, region, out)
     return 2 if failed else 0
 
