@@ -8,9 +8,9 @@ from typing import Any
 
 import jsonpatch
 
-from webhook.objects import pod_sites
-from webhook.patch import build_patch
-from webhook.plan import PlanContext, PodPlan, plan_pod
+from webhook.core.objects import pod_sites
+from webhook.core.patch import build_patch
+from webhook.core.plan import PlanContext, PodPlan, plan_pod
 
 
 def plan_object(obj: Mapping[str, Any], ctx: PlanContext) -> tuple[PodPlan, list[Any], Any]:

@@ -14,11 +14,11 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from webhook.audit import build_record
-from webhook.errors import ReviewError
-from webhook.plan import PlanContext
-from webhook.policy import Policy
-from webhook.review import admit
+from webhook.core.audit import build_record
+from webhook.core.errors import ReviewError
+from webhook.core.plan import PlanContext
+from webhook.core.policy import Policy
+from webhook.core.review import admit
 
 CTX = PlanContext.build(Policy(), "ap-southeast-4")
 IMAGES = st.sampled_from([

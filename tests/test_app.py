@@ -34,11 +34,11 @@ from webhook import certs
 from webhook.app import MAX_BODY, create_app
 from webhook.auditlog import AuditLog
 from webhook.config import ServeConfig
-from webhook.errors import PolicyError
-from webhook.imageref import ImageRef
+from webhook.core.errors import PolicyError
+from webhook.core.imageref import ImageRef
+from webhook.core.plan import Verdict
 from webhook.logs import Log
 from webhook.metrics import Metrics
-from webhook.plan import Verdict
 from webhook.reload import CertificateHolder
 
 MIRROR = "111122223333.dkr.ecr.ap-southeast-4.amazonaws.com"

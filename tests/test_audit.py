@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 
-from webhook.audit import KIND, SCHEMA_VERSION, build_record
-from webhook.plan import PlanContext
-from webhook.policy import Policy
-from webhook.review import admit, fail_open
+from webhook.core.audit import KIND, SCHEMA_VERSION, build_record
+from webhook.core.plan import PlanContext
+from webhook.core.policy import Policy
+from webhook.core.review import admit, fail_open
 
 CTX = PlanContext.build(Policy(), "ap-southeast-4")
 BAD = "602401143452.dkr.ecr.ap-southeast-4.amazonaws.com/amazon-k8s-cni:v1.19.4"

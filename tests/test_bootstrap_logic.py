@@ -21,7 +21,7 @@ from cryptography import x509
 
 from webhook import bootstrap, certs
 from webhook.bootstrap import BootstrapOptions, assess_secret, parse_duration
-from webhook.errors import ConfigError, EcrWebhookError
+from webhook.core.errors import ConfigError, EcrWebhookError
 
 NOW = dt.datetime(2026, 6, 1, 12, 0, tzinfo=dt.UTC)
 NAMES = certs.service_names("ecr-webhook", "ecr-webhook")

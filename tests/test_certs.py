@@ -20,7 +20,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from tests.serving import ecr_webhook
 from webhook import certs
-from webhook.errors import ConfigError
+from webhook.core.errors import ConfigError
 from webhook.reload import CertificateHolder, server_context
 
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from webhook import ecr
+from webhook.core import ecr
+from webhook.core.imageref import parse, try_parse
+from webhook.core.plan import Action, PlanContext, plan_pod
+from webhook.core.policy import MirrorTarget, Policy, RegionTarget
 from webhook.dryrun import plan_documents, read_documents
-from webhook.imageref import parse, try_parse
-from webhook.plan import Action, PlanContext, plan_pod
-from webhook.policy import MirrorTarget, Policy, RegionTarget
 
 pytestmark = pytest.mark.corpus
 FACTS = ecr.default_facts()

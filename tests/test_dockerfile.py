@@ -165,7 +165,11 @@ def test_the_build_stage_wheel_has_the_package_and_its_entry_point(tmp_path: Pat
         entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
         scripts = zf.read(entry_points).decode()
     assert "ecr-webhook = webhook.cli:main" in scripts
-    for required in ("webhook/cli.py", "webhook/bootstrap.py", "webhook/server.py",
-                     "webhook/py.typed", "webhook/data/ecr_accounts.csv"):  # fmt: skip
+    for required in ("webhook/py.typed", "webhook/data/ecr_accounts.csv"):
         assert required in names, required
+    # Every module of the tree, subpackages included (a package left out of
+    # pyproject.toml's list would install a webhook without it).
+    sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "webhook").rglob("*.py")}
+    assert "webhook/core/plan.py" in sources
+    assert sources - names == set()
     assert not any(n.startswith(("tests/", "bench/", "manifests/")) for n in names)

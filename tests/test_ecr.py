@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from webhook import ecr
+from webhook.core import ecr
 
-DATA = Path(ecr.__file__).parent / "data"
+DATA = Path(ecr.__file__).parent.parent / "data"
 
 
 @pytest.mark.parametrize(

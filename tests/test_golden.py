@@ -17,9 +17,9 @@ import pytest
 import yaml
 
 from tests.helpers import plan_object
-from webhook.objects import pod_sites
-from webhook.plan import Action, PlanContext
-from webhook.policy import ORIGINALS_ANNOTATION, policy_from_mapping
+from webhook.core.objects import pod_sites
+from webhook.core.plan import Action, PlanContext
+from webhook.core.policy import ORIGINALS_ANNOTATION, policy_from_mapping
 
 GOLDEN = Path(__file__).parent / "golden"
 CASES = sorted(GOLDEN.glob("*.yaml"))

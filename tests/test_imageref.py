@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from webhook.errors import InvalidReferenceError
-from webhook.imageref import ImageRef, parse, try_parse
+from webhook.core.errors import InvalidReferenceError
+from webhook.core.imageref import ImageRef, parse, try_parse
 
 DIGEST = "sha256:" + "a" * 64
 

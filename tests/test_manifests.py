@@ -35,10 +35,11 @@ from tests.manifests_support import (
     find,
     render_install,
 )
-from webhook import certs, ecr
+from webhook import certs
 from webhook.cli import cli
 from webhook.config import ServeConfig
-from webhook.policy import load_policy
+from webhook.core import ecr
+from webhook.core.policy import load_policy
 
 K8S_VERSION = "1.30.0"
 NAMESPACE = "ecr-webhook"
@@ -473,7 +474,7 @@ def test_match_condition_covers_all_container_kinds_and_guards_absent_fields() -
 
 
 def _registry_hosts() -> set[str]:
-    data = Path(ecr.__file__).parent / "data"
+    data = Path(ecr.__file__).parent.parent / "data"
     hosts: set[str] = set()
     with (data / "ecr_accounts.csv").open() as f:
         rows = list(csv.DictReader(f))

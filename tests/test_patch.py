@@ -9,9 +9,9 @@ from typing import Any
 import jsonpatch
 import pytest
 
-from webhook.patch import build_patch, escape
-from webhook.plan import PlanContext, plan_pod
-from webhook.policy import ORIGINALS_ANNOTATION, Policy
+from webhook.core.patch import build_patch, escape
+from webhook.core.plan import PlanContext, plan_pod
+from webhook.core.policy import ORIGINALS_ANNOTATION, Policy
 
 BAD = "602401143452.dkr.ecr.ap-southeast-4.amazonaws.com/amazon-k8s-cni:v1.19.4"
 GOOD = "491585149902.dkr.ecr.ap-southeast-4.amazonaws.com/amazon-k8s-cni:v1.19.4"

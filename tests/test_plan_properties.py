@@ -6,10 +6,10 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from webhook import ecr
-from webhook.imageref import parse
-from webhook.plan import Action, PlanContext, Reason, plan_pod
-from webhook.policy import MirrorTarget, Policy, RegionTarget
+from webhook.core import ecr
+from webhook.core.imageref import parse
+from webhook.core.plan import Action, PlanContext, Reason, plan_pod
+from webhook.core.policy import MirrorTarget, Policy, RegionTarget
 
 FACTS = ecr.default_facts()
 REGIONS = sorted(FACTS.regions)

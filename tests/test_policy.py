@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from webhook.errors import PolicyError
-from webhook.policy import (
+from webhook.core.errors import PolicyError
+from webhook.core.policy import (
     DEFAULT_REPOSITORIES,
     MirrorTarget,
     Policy,

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from webhook.errors import ReviewError
-from webhook.plan import PlanContext
-from webhook.policy import Policy
-from webhook.review import admit, fail_open
+from webhook.core.errors import ReviewError
+from webhook.core.plan import PlanContext
+from webhook.core.policy import Policy
+from webhook.core.review import admit, fail_open
 
 CTX = PlanContext.build(Policy(), "ap-southeast-4")
 BAD = "602401143452.dkr.ecr.ap-southeast-4.amazonaws.com/amazon-k8s-cni:v1.19.4"

@@ -37,14 +37,14 @@ from typing import Any
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from webhook import review
-from webhook.audit import build_record
 from webhook.auditlog import AuditLog, AuditSink
 from webhook.config import ServeConfig
-from webhook.errors import ReviewError
+from webhook.core import review
+from webhook.core.audit import build_record
+from webhook.core.errors import ReviewError
+from webhook.core.plan import Oracle, PlanContext
 from webhook.logs import Log
 from webhook.metrics import Metrics
-from webhook.plan import Oracle, PlanContext
 from webhook.reload import CertificateHolder, PolicyHolder, policy_error_text
 
 # The kube-apiserver refuses request bodies over 3 MiB (apiserver

@@ -1,6 +1,6 @@
 """Writing audit records: one JSON line per admission.  A shell module.
 
-The records themselves are built by the pure ``webhook.audit``; this module
+The records themselves are built by the pure ``webhook.core.audit``; this module
 only puts them somewhere, with two guarantees that hold across gunicorn worker
 processes and their threads:
 

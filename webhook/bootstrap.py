@@ -51,7 +51,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, paddin
 from yaml import YAMLError
 
 from webhook import certs
-from webhook.errors import BootstrapError, ConfigError
+from webhook.core.errors import BootstrapError, ConfigError
 
 SECRET_TYPE = "kubernetes.io/tls"
 FIELD_MANAGER = "ecr-webhook-bootstrap"

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import click
 
 from webhook import __version__
-from webhook.errors import EcrWebhookError
+from webhook.core.errors import EcrWebhookError
 
 OUTPUTS = ("diff", "patch", "yaml", "json")
 PORT = click.IntRange(1, 65535)

@@ -30,12 +30,12 @@ from typing import IO, Any
 import jsonpatch
 import yaml
 
-from webhook import policy as policy_mod
-from webhook.errors import ConfigError, InputError, ReviewError
-from webhook.objects import pod_sites
-from webhook.patch import PatchOp, build_patch
-from webhook.plan import PlanContext, PodPlan, plan_pod
-from webhook.review import Outcome, admit
+from webhook.core import policy as policy_mod
+from webhook.core.errors import ConfigError, InputError, ReviewError
+from webhook.core.objects import pod_sites
+from webhook.core.patch import PatchOp, build_patch
+from webhook.core.plan import PlanContext, PodPlan, plan_pod
+from webhook.core.review import Outcome, admit
 
 REPORT_SCHEMA_VERSION = "v1"
 _LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 from cryptography import x509
 
-from webhook.errors import ConfigError, EcrWebhookError, PolicyError
-from webhook.plan import Oracle, PlanContext
-from webhook.policy import Policy, load_policy, resolve_region
+from webhook.core.errors import ConfigError, EcrWebhookError, PolicyError
+from webhook.core.plan import Oracle, PlanContext
+from webhook.core.policy import Policy, load_policy, resolve_region
 
 Signature = tuple[int, int, int, int]
 ReloadListener = Callable[[str, BaseException | None], None]

@@ -65,7 +65,7 @@ from gunicorn.workers import gthread
 from webhook import certs, logs
 from webhook.auditlog import AuditLog
 from webhook.config import ServeConfig
-from webhook.errors import ConfigError
+from webhook.core.errors import ConfigError
 from webhook.reload import CertificateHolder, build_context, load_certificate
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"

@@ -25,7 +25,7 @@ import yaml
 
 from tests.serving import REGION, ServerProcess, ecr_webhook, free_port
 from webhook import certs
-from webhook.patch import escape
+from webhook.core.patch import escape
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFEST = ROOT / "manifests" / "base" / "mutatingwebhookconfiguration.yaml"

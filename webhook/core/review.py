@@ -29,10 +29,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, NotRequired, TypedDict, cast
 
-from webhook.errors import ReviewError
-from webhook.patch import PatchOp, build_patch
-from webhook.plan import CONTAINER_KINDS, PlanContext, PodPlan, plan_pod
-from webhook.policy import ORIGINALS_ANNOTATION
+from webhook.core.errors import ReviewError
+from webhook.core.patch import PatchOp, build_patch
+from webhook.core.plan import CONTAINER_KINDS, PlanContext, PodPlan, plan_pod
+from webhook.core.policy import ORIGINALS_ANNOTATION
 
 API_VERSIONS = ("admission.k8s.io/v1", "admission.k8s.io/v1beta1")
 MAX_WARNING = 120

@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
-from webhook.errors import InvalidReferenceError
+from webhook.core.errors import InvalidReferenceError
 
 # distribution/reference: NameTotalLengthMax = 255 (the whole name, domain included).
 NAME_TOTAL_LENGTH_MAX = 255

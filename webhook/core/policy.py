@@ -37,8 +37,8 @@ from typing import Any, Literal
 
 import yaml
 
-from webhook import ecr
-from webhook.errors import PolicyError
+from webhook.core import ecr
+from webhook.core.errors import PolicyError
 
 API_VERSION = "ecr-webhook.io/v1alpha1"
 KIND = "RewritePolicy"

@@ -14,8 +14,8 @@ import json
 from collections.abc import Mapping
 from typing import Any, Literal, NotRequired, TypedDict
 
-from webhook.plan import PodPlan
-from webhook.policy import ORIGINALS_ANNOTATION
+from webhook.core.plan import PodPlan
+from webhook.core.policy import ORIGINALS_ANNOTATION
 
 
 class PatchOp(TypedDict):

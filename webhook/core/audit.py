@@ -13,7 +13,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from webhook.review import Outcome
+from webhook.core.review import Outcome
 
 KIND = "EcrWebhookAudit"
 SCHEMA_VERSION = "v1"

@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
-from webhook import ecr
-from webhook.errors import InvalidReferenceError
-from webhook.imageref import ImageRef, parse
-from webhook.policy import MirrorTarget, Policy, RegionTarget
+from webhook.core import ecr
+from webhook.core.errors import InvalidReferenceError
+from webhook.core.imageref import ImageRef, parse
+from webhook.core.policy import MirrorTarget, Policy, RegionTarget
 
 CONTAINER_KINDS: tuple[str, ...] = ("initContainers", "containers", "ephemeralContainers")
 
