@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import selectors
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -79,7 +79,10 @@ def _read_line(proc: subprocess.Popen[str], timeout: float) -> str:
 
 def test_cli_ready_and_sigterm(control_plane_binaries: Binaries, tmp_path: Path) -> None:
     kubeconfig = tmp_path / "kc.yaml"
-    tmp_root = Path(tempfile.gettempdir())
+    # A temp root of its own: other control planes (parallel runs on the same
+    # machine) create and remove ecr-webhook-e2e-* in the shared /tmp.
+    tmp_root = tmp_path / "tmp"
+    tmp_root.mkdir()
     before = set(tmp_root.glob("ecr-webhook-e2e-*"))
     stderr_path = tmp_path / "cli.stderr"
     with stderr_path.open("w") as stderr:
@@ -89,6 +92,7 @@ def test_cli_ready_and_sigterm(control_plane_binaries: Binaries, tmp_path: Path)
             stdout=subprocess.PIPE,
             stderr=stderr,
             text=True,
+            env={**os.environ, "TMPDIR": str(tmp_root)},
         )
         try:
             deadline = time.monotonic() + 180
