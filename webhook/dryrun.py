@@ -31,6 +31,7 @@ import jsonpatch
 import yaml
 
 from webhook.core import policy as policy_mod
+from webhook.core.ecr import DATA_VERSION
 from webhook.core.errors import ConfigError, InputError, ReviewError
 from webhook.core.objects import pod_sites
 from webhook.core.patch import PatchOp, build_patch
@@ -107,7 +108,9 @@ def _expand(paths: Sequence[str]) -> Iterator[tuple[str, str | None]]:
                 raise InputError(f"{p}: no .yaml, .yml or .json files in this directory")
             for f in found:
                 yield str(f), str(f)
-        elif path.is_file():
+        elif path.exists():
+            # A regular file, or what a shell passes for one: a pipe from
+            # ``-f <(cmd)`` (/dev/fd/N), /dev/stdin, /dev/null.
             yield p, p
         else:
             raise InputError(f"{p}: no such file or directory; pass a manifest file, a dir or -")
@@ -335,6 +338,10 @@ def run(
     if region is None:
         err.write("warning: no cluster region (--region, policy region, AWS_REGION); "
                   "partition checks are off and wrong accounts are fixed in place\n")  # fmt: skip
+    elif policy_mod.unknown_region(region):
+        err.write(f"warning: region {region} is not in the registry data (version "
+                  f"{DATA_VERSION}): its EKS account is unknown, so images in it are not "
+                  "judged; images in other regions still are\n")  # fmt: skip
     ctx = PlanContext.build(pol, region)
     docs: list[Document] = []
     failed = False
