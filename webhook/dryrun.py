@@ -37,7 +37,7 @@ from webhook.core.aliases import excessive_aliasing
 from webhook.core.ecr import DATA_VERSION
 from webhook.core.errors import ConfigError, InputError, ReviewError
 from webhook.core.objects import pod_sites
-from webhook.core.patch import PatchOp, build_patch
+from webhook.core.patch import ANNOTATION_OMITTED, PatchOp, build_patch_checked
 from webhook.core.plan import PlanContext, PodPlan, plan_pod
 from webhook.core.review import Outcome, admit
 
@@ -59,6 +59,7 @@ class ObjectResult:
     spec_pointer: str
     plan: PodPlan
     patch: list[PatchOp]
+    notes: tuple[str, ...] = ()  # warnings about the patch itself (annotation omitted)
 
     def report(self) -> dict[str, Any]:
         return {
@@ -78,7 +79,8 @@ class ObjectResult:
                 for d in self.plan.rewrites
             ],
             "warnings": [d.message for d in self.plan.warnings]
-            + ([f"skipped: {self.plan.skipped}"] if self.plan.skipped else []),
+            + ([f"skipped: {self.plan.skipped}"] if self.plan.skipped else [])
+            + list(self.notes),
         }
 
 
@@ -261,9 +263,13 @@ def plan_documents(docs: list[Document], ctx: PlanContext, rewrite: bool = True)
                 plan, patch = reviewed.plan, list(reviewed.patch)
                 if reviewed.skipped and not plan.skipped:
                     plan = PodPlan(skipped=reviewed.skipped)
+                notes: tuple[str, ...] = tuple(
+                    w for w in reviewed.warnings if w == ANNOTATION_OMITTED
+                )
             else:
                 plan = plan_pod(site.meta, site.spec, site.namespace, ctx)
-                patch = build_patch(obj, plan, site.spec_pointer, site.meta_pointer)
+                patch, note = build_patch_checked(obj, plan, site.spec_pointer, site.meta_pointer)
+                notes = (note,) if note else ()
             result.objects.append(
                 ObjectResult(
                     doc.source,
@@ -275,6 +281,7 @@ def plan_documents(docs: list[Document], ctx: PlanContext, rewrite: bool = True)
                     site.spec_pointer,
                     plan,
                     patch,
+                    notes,
                 )
             )
             if patch and rewrite:
@@ -384,8 +391,8 @@ def _render_diff(result: RunResult, out: IO[str]) -> None:
     for n, doc in enumerate(result.documents):
         objs = by_doc.get((doc.source, doc.index), [])
         for o in objs:
-            for d in o.plan.warnings:
-                out.write(f"# warning: {doc.source}[{doc.index}] {o.kind} {o.name}: {d.message}\n")
+            for message in [d.message for d in o.plan.warnings] + list(o.notes):
+                out.write(f"# warning: {doc.source}[{doc.index}] {o.kind} {o.name}: {message}\n")
         if n not in result.rewritten:
             continue
         changed += 1
