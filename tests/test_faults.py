@@ -197,6 +197,8 @@ def test_garbage_certificate_files_keep_the_last_good_certificate(
             assert post_review(s.port, s.ctx, admission_review())[0] == 200
         assert get(s.port, "/readyz", s.ctx)[0] == 200
         assert s.scrape("ecr_webhook_errors_total", stage="certificate") >= errors + 1
+        assert s.scrape("ecr_webhook_certificate_reloads_total", result="failure") >= 1
+        assert s.scrape("ecr_webhook_certificate_reloads_total", result="success") == 0
         lines = [ln for ln in s.stderr_lines() if ln["msg"].startswith("serving certificate rej")]
         assert lines and "cannot load the pair" in lines[-1]["err"]
         # Empty files (a truncated write) too.
@@ -326,3 +328,21 @@ def test_a_write_cut_short_by_a_full_disk_leaves_no_fragment(tiny_disk: Path) ->
     assert lines[-1] == b""  # ends with a whole line
     assert [json.loads(x)["n"] for x in lines[:-1]] == list(range(written))
     assert written >= 50  # most of the 64 KiB was used
+
+
+def test_a_policy_reload_into_an_unknown_region_is_counted(tmp_path: Path) -> None:
+    """The region may also arrive with a policy update: the gauge follows it."""
+    server = start(tmp_path, policy="kind: RewritePolicy\nregion: ap-southeast-4\n")
+    try:
+        assert server.scrape("ecr_webhook_cluster_region_unknown") == 0
+        server.policy.update(f"kind: RewritePolicy\nregion: {UNKNOWN}\n")
+        assert post_review(server.port, server.ctx, admission_review())[0] == 200
+        assert server.scrape("ecr_webhook_cluster_region_unknown") == 1
+        assert server.scrape("ecr_webhook_policy_reloads_total", result="success") == 1
+        server.policy.update("kind: RewritePolicy\nregion: ap-southeast-4\n")
+        assert post_review(server.port, server.ctx, admission_review())[0] == 200
+        assert server.scrape("ecr_webhook_cluster_region_unknown") == 0
+        warned = [ln for ln in server.stderr_lines() if "not in the registry data" in ln["msg"]]
+        assert [ln["region"] for ln in warned] == [UNKNOWN]
+    finally:
+        assert server.proc.stop() == 0, server.proc.stderr()

@@ -188,6 +188,7 @@ def create_app(
                       err=policy_error_text(error), source=config.policy_file)  # fmt: skip
 
     def certificate_reloaded(result: str, error: BaseException | None) -> None:
+        metrics.certificate_reloads.labels(result).inc()
         if error is None:
             log.info("serving certificate reloaded", certFile=config.cert_file)
         else:

@@ -14,6 +14,7 @@ ecr_webhook_request_duration_seconds        histogram  -
 ecr_webhook_requests_in_flight              gauge      -
 ecr_webhook_rewrites_total                  counter    reason, registry
 ecr_webhook_policy_reloads_total            counter    result (success, failure)
+ecr_webhook_certificate_reloads_total       counter    result (success, failure)
 ecr_webhook_errors_total                    counter    stage (admit, audit, record, policy,
                                                        certificate)
 ecr_webhook_build_info                      gauge      version
@@ -99,6 +100,11 @@ class Metrics:
             f"{PREFIX}_policy_reloads", "Policy reloads after the file changed, by result.",
             ["result"], registry=r,
         )  # fmt: skip
+        self.certificate_reloads = Counter(
+            f"{PREFIX}_certificate_reloads", "Serving certificate reloads after the files "
+            "changed, by result (a failure keeps the previous certificate).",
+            ["result"], registry=r,
+        )  # fmt: skip
         self.errors = Counter(
             f"{PREFIX}_errors", "Internal errors, by stage (the admission still succeeds).",
             ["stage"], registry=r,
@@ -138,6 +144,7 @@ class Metrics:
             self.errors.labels(stage)
         for result in ("success", "failure"):
             self.policy_reloads.labels(result)
+            self.certificate_reloads.labels(result)
         for result in PROBE_RESULTS:
             self.probes.labels(result)
         for name in AUDIT_ERRNOS:
