@@ -175,7 +175,8 @@ def create_app(
         unknown = unknown_region(region)
         metrics.region_unknown.set(1 if unknown else 0)
         if unknown:
-            log.error(UNKNOWN_REGION_MESSAGE, region=region, dataVersion=DATA_VERSION)
+            log.error(UNKNOWN_REGION_MESSAGE, err=f"unknown region {region}", region=region,
+                      dataVersion=DATA_VERSION)  # fmt: skip
 
     def policy_reloaded(result: str, error: BaseException | None) -> None:
         metrics.policy_reloads.labels(result).inc()

@@ -383,7 +383,8 @@ def run(
     elif unknown_region(region):
         # A region launched after this release (issue 11): serve anyway.  Counted
         # by each worker in ecr_webhook_cluster_region_unknown.
-        log.error(UNKNOWN_REGION_MESSAGE, region=region, dataVersion=DATA_VERSION)
+        log.error(UNKNOWN_REGION_MESSAGE, err=f"unknown region {region}", region=region,
+                  dataVersion=DATA_VERSION)  # fmt: skip
     metrics_sock = listen(config.host, config.metrics_port, "--metrics-port")
     metrics_sock.setblocking(False)
 
