@@ -346,3 +346,20 @@ def test_a_policy_reload_into_an_unknown_region_is_counted(tmp_path: Path) -> No
         assert [ln["region"] for ln in warned] == [UNKNOWN]
     finally:
         assert server.proc.stop() == 0, server.proc.stderr()
+
+
+def test_the_report_throttle_counts_what_it_holds_back() -> None:
+    """The rate limit of the disk-full report, on an injected clock."""
+    from webhook.logs import Throttle
+
+    now = [100.0]
+    t = Throttle(10.0, clock=lambda: now[0])
+    assert not t.pending
+    assert t.due() == (True, 0)  # the first failure is reported at once
+    assert [t.due() for _ in range(5)] == [(False, 0)] * 5
+    now[0] += 10
+    assert t.due() == (True, 5)  # the next report carries what was held back
+    assert t.pending
+    assert t.settle() == 7  # every failure since the writes last worked
+    assert not t.pending
+    assert t.due() == (True, 0)  # a new outage is reported at once
