@@ -201,10 +201,14 @@ def test_garbage_certificate_files_keep_the_last_good_certificate(
         assert s.scrape("ecr_webhook_certificate_reloads_total", result="success") == 0
         lines = [ln for ln in s.stderr_lines() if ln["msg"].startswith("serving certificate rej")]
         assert lines and "cannot load the pair" in lines[-1]["err"]
-        # Empty files (a truncated write) too.
+        # Empty files (a truncated write), and no files at all, too.
         crt.write_bytes(b"")
         key.write_bytes(b"")
         assert peer_certificate(s.port, s.ctx) == before
+        crt.unlink()
+        key.unlink()
+        assert peer_certificate(s.port, s.ctx) == before
+        assert post_review(s.port, s.ctx, admission_review())[0] == 200
     finally:
         crt.write_bytes(good[0])
         key.write_bytes(good[1])
