@@ -143,7 +143,7 @@ def _looks_like_json(text: str) -> bool:
 
 
 def _document(name: str, index: int, data: Any) -> Document:
-    """A loaded document, or its error: not a mapping, or an alias bomb."""
+    """A loaded document, or its error when it is not a mapping."""
     if data is not None and not isinstance(data, Mapping):
         return Document(name, index, error="not a Kubernetes object (expected a mapping)")
     return Document(name, index, data)
@@ -200,11 +200,16 @@ def read_documents(name: str, text: str) -> list[Document]:
 _SPACE = re.compile(r"\s*")
 
 
+def _skip_space(text: str, pos: int) -> int:
+    m = _SPACE.match(text, pos)
+    return m.end() if m is not None else pos
+
+
 def _read_json_stream(name: str, text: str) -> tuple[list[Document], str | None]:
     """Concatenated JSON values: (the documents, None) or (those before the error, error)."""
     decoder = json.JSONDecoder()
     docs: list[Document] = []
-    pos = _SPACE.match(text, 0).end()  # type: ignore[union-attr]
+    pos = _skip_space(text, 0)
     while pos < len(text):
         try:
             data, pos = decoder.raw_decode(text, pos)
@@ -213,7 +218,7 @@ def _read_json_stream(name: str, text: str) -> tuple[list[Document], str | None]
         except RecursionError:
             return docs, "nested too deeply"
         docs.append(_document(name, len(docs), data))
-        pos = _SPACE.match(text, pos).end()  # type: ignore[union-attr]
+        pos = _skip_space(text, pos)
     return docs, None
 
 
