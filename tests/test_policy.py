@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from webhook.core.errors import PolicyError
+from webhook.core.plan import PlanContext
 from webhook.core.policy import (
     DEFAULT_REPOSITORIES,
     MirrorTarget,
@@ -12,6 +13,7 @@ from webhook.core.policy import (
     RegionTarget,
     load_policy,
     resolve_region,
+    unknown_region,
 )
 
 
@@ -57,7 +59,8 @@ preferClusterRegion: true
     ("text", "field", "value"),
     [
         ("region: mars-1", "region", "mars-1"),
-        ("region: us-west-9", "region", "us-west-9"),
+        ("region: moon-1", "region", "moon-1"),
+        ("targets: [{type: region, region: us-west-9}]", "targets[0].region", "us-west-9"),
         ("targets: []", "targets", []),
         ("targets: [{type: cloud}]", "targets[0].type", "cloud"),
         ("targets: [{type: region, region: nowhere}]", "targets[0].region", "nowhere"),
@@ -110,6 +113,26 @@ def test_region_resolution_order() -> None:
     with pytest.raises(PolicyError) as exc:
         resolve_region(None, Policy(), {"AWS_REGION": "moon-1"})
     assert exc.value.field == "AWS_REGION"
+
+
+@pytest.mark.parametrize("region", ["ap-southeast-9", "us-gov-north-3", "cn-southwest-7"])
+def test_a_well_formed_region_missing_from_the_data_is_a_cluster_region(region: str) -> None:
+    """Issue 11: a region AWS launched after this release must not stop the webhook.
+
+    The cluster region is accepted from every source; its partition follows the
+    name; ``unknown_region`` tells the shells to warn and count it.
+    """
+    assert load_policy(f"region: {region}").region == region
+    assert resolve_region(region, Policy(), {}) == region
+    assert resolve_region(None, Policy(), {"AWS_REGION": region}) == region
+    assert unknown_region(region)
+    assert not unknown_region("ap-southeast-4") and not unknown_region(None)
+    want = {"ap": "aws", "us": "aws-us-gov", "cn": "aws-cn"}[region[:2]]
+    assert PlanContext.build(Policy(), region).cluster.partition == want
+    # A target region must be known: there would be no account to rewrite to.
+    with pytest.raises(PolicyError) as exc:
+        load_policy(f"targets: [{{type: region, region: {region}}}]")
+    assert exc.value.field == "targets[0].region"
 
 
 def test_targets_outside_the_policy_regions_partition_are_refused() -> None:

@@ -41,11 +41,18 @@ from webhook.auditlog import AuditLog, AuditSink
 from webhook.config import ServeConfig
 from webhook.core import review
 from webhook.core.audit import build_record
+from webhook.core.ecr import DATA_VERSION
 from webhook.core.errors import ReviewError
 from webhook.core.plan import Oracle, PlanContext
-from webhook.logs import Log
-from webhook.metrics import Metrics
-from webhook.reload import CertificateHolder, PolicyHolder, policy_error_text
+from webhook.core.policy import unknown_region
+from webhook.logs import Log, Throttle
+from webhook.metrics import Metrics, errno_label
+from webhook.reload import (
+    UNKNOWN_REGION_MESSAGE,
+    CertificateHolder,
+    PolicyHolder,
+    policy_error_text,
+)
 
 # The kube-apiserver refuses request bodies over 3 MiB (apiserver
 # maxRequestBodyBytes default); an AdmissionReview can carry both object and
@@ -56,6 +63,7 @@ MAX_BODY = 7 * 1024 * 1024
 # (gunicorn drains at most 64 KiB of an unread body, then closes).
 DRAIN_LIMIT = 2 * MAX_BODY
 JSON = "application/json"
+AUDIT_REPORT_INTERVAL = 10.0  # seconds between two "audit record not written" lines
 
 Admit = Callable[[object, PlanContext], review.Outcome]
 
@@ -162,16 +170,26 @@ def create_app(
         audit = AuditLog(config.audit_log, max_bytes=config.audit_max_bytes,
                          backups=config.audit_backups)  # fmt: skip
 
+    def region_check() -> None:
+        region = policy.context().cluster.region
+        unknown = unknown_region(region)
+        metrics.region_unknown.set(1 if unknown else 0)
+        if unknown:
+            log.error(UNKNOWN_REGION_MESSAGE, err=f"unknown region {region}", region=region,
+                      dataVersion=DATA_VERSION)  # fmt: skip
+
     def policy_reloaded(result: str, error: BaseException | None) -> None:
         metrics.policy_reloads.labels(result).inc()
         if error is None:
             log.info("policy reloaded", source=config.policy_file)
+            region_check()
         else:
             metrics.errors.labels("policy").inc()
             log.error("policy rejected, keeping the last good policy",
                       err=policy_error_text(error), source=config.policy_file)  # fmt: skip
 
     def certificate_reloaded(result: str, error: BaseException | None) -> None:
+        metrics.certificate_reloads.labels(result).inc()
         if error is None:
             log.info("serving certificate reloaded", certFile=config.cert_file)
         else:
@@ -181,12 +199,16 @@ def create_app(
 
     policy = PolicyHolder(config.policy_file, config.region, os.environ if env is None else env,
                           oracle=oracle, on_reload=policy_reloaded)  # fmt: skip
+    metrics.region_unknown.set(1 if unknown_region(policy.context().cluster.region) else 0)
     if certificate is None:
         certificate = CertificateHolder(config.cert_file, config.key_file)
     if certificate.on_reload is None:
         # The launcher builds the holder before forking (to fail fast on a bad
         # pair); each worker's copy reports its reloads to this worker's metrics.
         certificate.on_reload = certificate_reloaded
+
+    # A full disk fails every admission's audit write: one stderr line per 10 s.
+    audit_throttle = Throttle(AUDIT_REPORT_INTERVAL)
 
     app = Flask("webhook")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
@@ -217,9 +239,17 @@ def create_app(
             log.error("internal error, pod admitted unchanged", err=err, uid=uid)
         try:
             audit.write(build_record(outcome, received, clock()))
-        except Exception as exc:  # a lost record is counted and logged
+        except Exception as exc:  # a lost record is counted and logged, rate-limited
             metrics.errors.labels("audit").inc()
-            log.error("audit record not written", err=exc, uid=uid)
+            metrics.audit_write_errors.labels(errno_label(exc)).inc()
+            report, held = audit_throttle.due()
+            if report:
+                log.error("audit record not written; serving on", err=exc, uid=uid,
+                          target=config.audit_log, heldBack=held)  # fmt: skip
+        else:
+            if audit_throttle.pending:
+                log.info("audit records written again", lost=audit_throttle.settle(),
+                         target=config.audit_log)  # fmt: skip
         if log.enabled(2):
             log.info("admission", v=2, uid=uid, decision=outcome.decision,
                      operation=outcome.request.get("operation"),

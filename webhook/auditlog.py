@@ -35,6 +35,15 @@ Targets:
   reopens it if another worker rotated; a record that races a rotation lands
   at the end of ``file.1``, where it is kept, never lost.  As with
   ``RotatingFileHandler``, ``max_bytes`` or ``backups`` of 0 disables rotation.
+
+A full disk (ENOSPC, EDQUOT) or an I/O error makes ``write`` raise; the server
+keeps answering, counts the lost record and reports it on stderr, rate-limited
+(``webhook.app``).  Linux writes what fits before failing (a regular file's
+``write`` returns a short count, the next one ENOSPC), which would leave a torn
+record that the next record, once space is freed, would be glued to.  So a
+writer that fails part way cuts its own fragment off again (``ftruncate`` to
+where it started, only when the file still ends with that fragment): the file
+holds whole lines only, before, during and after the disk is full.
 """
 
 from __future__ import annotations
@@ -65,6 +74,30 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         n = os.write(fd, view)
+        view = view[n:]
+
+
+def _write_whole(fd: int, data: bytes) -> None:
+    """``_write_all`` to an ``O_APPEND`` file; a failure leaves no fragment behind.
+
+    With ``O_APPEND`` the file offset after a write is the end of what it wrote,
+    so the fragment is ``[end - written, end)``.  It is cut only while it is
+    still the file's tail: another writer's later record is never touched (the
+    check and the cut are not atomic, but a record racing them needs free space
+    in the microseconds after this write found none).
+    """
+    view = memoryview(data)
+    written = 0
+    while view:
+        try:
+            n = os.write(fd, view)
+        except OSError:
+            if written:
+                end = os.lseek(fd, 0, os.SEEK_CUR)
+                if os.fstat(fd).st_size == end:
+                    os.ftruncate(fd, end - written)
+            raise
+        written += n
         view = view[n:]
 
 
@@ -120,7 +153,7 @@ class AuditLog:
         # thread whose descriptor was closed under it (tests/test_auditlog.py).
         with self._thread_lock:
             fd = self._current_fd()
-            _write_all(fd, data)
+            _write_whole(fd, data)
             full = self.rotates and os.fstat(fd).st_size >= self.max_bytes
         if full:
             self._rotate()

@@ -13,6 +13,8 @@ The JSON report (``--output json``) is a contract; its shape::
                                 "to": IMAGE, "reason": CODE}],
                   "warnings": [...]}],
      "errors": [{"source": FILE, "index": I, "error": MESSAGE}]}
+
+``index`` of an error is null for a file that could not be read at all.
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ import jsonpatch
 import yaml
 
 from webhook.core import policy as policy_mod
+from webhook.core.aliases import excessive_aliasing
+from webhook.core.ecr import DATA_VERSION
 from webhook.core.errors import ConfigError, InputError, ReviewError
 from webhook.core.objects import pod_sites
-from webhook.core.patch import PatchOp, build_patch
+from webhook.core.patch import ANNOTATION_OMITTED, PatchOp, build_patch_checked
 from webhook.core.plan import PlanContext, PodPlan, plan_pod
 from webhook.core.review import Outcome, admit
 
@@ -55,6 +59,7 @@ class ObjectResult:
     spec_pointer: str
     plan: PodPlan
     patch: list[PatchOp]
+    notes: tuple[str, ...] = ()  # warnings about the patch itself (annotation omitted)
 
     def report(self) -> dict[str, Any]:
         return {
@@ -74,14 +79,17 @@ class ObjectResult:
                 for d in self.plan.rewrites
             ],
             "warnings": [d.message for d in self.plan.warnings]
-            + ([f"skipped: {self.plan.skipped}"] if self.plan.skipped else []),
+            + ([f"skipped: {self.plan.skipped}"] if self.plan.skipped else [])
+            + list(self.notes),
         }
 
 
 @dataclass
 class Document:
+    """One document of an input; ``index`` None for a file that could not be read."""
+
     source: str
-    index: int
+    index: int | None
     data: Any = None
     error: str | None = None
 
@@ -107,16 +115,21 @@ def _expand(paths: Sequence[str]) -> Iterator[tuple[str, str | None]]:
                 raise InputError(f"{p}: no .yaml, .yml or .json files in this directory")
             for f in found:
                 yield str(f), str(f)
-        elif path.is_file():
+        elif path.exists():
+            # A regular file, or what a shell passes for one: a pipe from
+            # ``-f <(cmd)`` (/dev/fd/N), /dev/stdin, /dev/null.
             yield p, p
         else:
             raise InputError(f"{p}: no such file or directory; pass a manifest file, a dir or -")
 
 
 def split_documents(text: str) -> list[str]:
-    """Split a YAML stream into documents at ``---`` lines, keeping empty ones out."""
-    if text.lstrip().startswith(("{", "[")):
-        return [text]
+    """Split a YAML stream into documents at ``---`` lines, keeping empty ones out.
+
+    JSON text is split the same way: no JSON value has a line starting with
+    ``---`` (a string cannot hold a raw newline), so a stream whose first
+    document is a flow mapping or JSON object splits like any other.
+    """
     parts = _DOC_SEP.split(text)
     return [p for p in parts if p.strip() and not _only_comments(p)]
 
@@ -125,32 +138,98 @@ def _only_comments(part: str) -> bool:
     return all(not ln.strip() or ln.lstrip().startswith("#") for ln in part.splitlines())
 
 
+def _looks_like_json(text: str) -> bool:
+    return text.lstrip().startswith(("{", "["))
+
+
+def _document(name: str, index: int, data: Any) -> Document:
+    """A loaded document, or its error when it is not a mapping."""
+    if data is not None and not isinstance(data, Mapping):
+        return Document(name, index, error="not a Kubernetes object (expected a mapping)")
+    return Document(name, index, data)
+
+
+def _guard_aliases(text: str, docs: list[Document]) -> list[Document]:
+    """Refuse alias bombs (``webhook.core.aliases``).
+
+    Only YAML text with both an anchor and an alias mark can hold aliases, so
+    the common case costs two substring searches, not a walk of every document.
+    """
+    if "&" not in text or "*" not in text:
+        return docs
+    for d in docs:
+        why = excessive_aliasing(d.data) if d.error is None else None
+        if why is not None:
+            d.data, d.error = None, why
+    return docs
+
+
 def read_documents(name: str, text: str) -> list[Document]:
     """Parse every document of ``text``; a bad one becomes a Document with ``error``.
 
-    Fast path: one ``load_all`` over the whole stream (the C loader's best case).
-    Only when that fails is the stream split at ``---`` lines and each document
-    parsed on its own, so the error names its document and the others survive.
+    * JSON (a ``.json`` name, or text starting with ``{`` or ``[``) is read as a
+      stream of JSON values, so concatenated objects (``jq -c``, several
+      ``kubectl get -o json``) are documents 0, 1, ...
+    * YAML, and JSON-looking text that is not a JSON stream (a flow mapping
+      first, then ``---`` and block YAML): one ``load_all`` over the whole
+      stream (the C loader's best case); only when that fails is the stream
+      split at ``---`` lines and each document parsed on its own, so the error
+      names its document and the others survive.
+    * A ``.json`` file that is neither JSON nor YAML reports its JSON error,
+      after the documents decoded before it.
     """
-    if not name.endswith(".json") and not text.lstrip().startswith(("{", "[")):
+    json_name = name.endswith(".json")
+    json_docs: list[Document] = []
+    json_error: str | None = None
+    if json_name or _looks_like_json(text):
+        json_docs, json_error = _read_json_stream(name, text)
+        if json_error is None:
+            return json_docs
+    try:
+        loaded = [d for d in yaml.load_all(text, Loader=_LOADER) if d is not None]
+    except (yaml.YAMLError, RecursionError):
+        pass
+    else:
+        if all(isinstance(d, Mapping) for d in loaded):
+            return _guard_aliases(text, [Document(name, i, d) for i, d in enumerate(loaded)])
+    if json_name:
+        return [*json_docs, Document(name, len(json_docs), error=f"not valid JSON: {json_error}")]
+    return _guard_aliases(text, _read_one_by_one(name, text))
+
+
+_SPACE = re.compile(r"\s*")
+
+
+def _skip_space(text: str, pos: int) -> int:
+    m = _SPACE.match(text, pos)
+    return m.end() if m is not None else pos
+
+
+def _read_json_stream(name: str, text: str) -> tuple[list[Document], str | None]:
+    """Concatenated JSON values: (the documents, None) or (those before the error, error)."""
+    decoder = json.JSONDecoder()
+    docs: list[Document] = []
+    pos = _skip_space(text, 0)
+    while pos < len(text):
         try:
-            loaded = [d for d in yaml.load_all(text, Loader=_LOADER) if d is not None]
-        except yaml.YAMLError:
-            pass
-        else:
-            if all(isinstance(d, Mapping) for d in loaded):
-                return [Document(name, i, d) for i, d in enumerate(loaded)]
-    return _read_one_by_one(name, text)
+            data, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            return docs, f"{exc.msg} (line {exc.lineno} column {exc.colno})"
+        except RecursionError:
+            return docs, "nested too deeply"
+        docs.append(_document(name, len(docs), data))
+        pos = _skip_space(text, pos)
+    return docs, None
 
 
 def _read_one_by_one(name: str, text: str) -> list[Document]:
     docs: list[Document] = []
     for i, part in enumerate(split_documents(text)):
         try:
-            if name.endswith(".json") or part.lstrip().startswith("{"):
+            if part.lstrip().startswith("{"):
                 try:
                     data = json.loads(part)
-                except ValueError:
+                except (ValueError, RecursionError):
                     data = yaml.load(part, Loader=_LOADER)
             else:
                 data = yaml.load(part, Loader=_LOADER)
@@ -160,10 +239,10 @@ def _read_one_by_one(name: str, text: str) -> list[Document]:
             problem = getattr(exc, "problem", None) or type(exc).__name__
             docs.append(Document(name, i, error=f"not valid YAML: {problem}{where}"))
             continue
-        if data is not None and not isinstance(data, Mapping):
-            docs.append(Document(name, i, error="not a Kubernetes object (expected a mapping)"))
+        except RecursionError:
+            docs.append(Document(name, i, error="not valid YAML: nested too deeply"))
             continue
-        docs.append(Document(name, i, data))
+        docs.append(_document(name, i, data))
     return docs
 
 
@@ -189,13 +268,17 @@ def plan_documents(docs: list[Document], ctx: PlanContext, rewrite: bool = True)
                 plan, patch = reviewed.plan, list(reviewed.patch)
                 if reviewed.skipped and not plan.skipped:
                     plan = PodPlan(skipped=reviewed.skipped)
+                notes: tuple[str, ...] = tuple(
+                    w for w in reviewed.warnings if w == ANNOTATION_OMITTED
+                )
             else:
                 plan = plan_pod(site.meta, site.spec, site.namespace, ctx)
-                patch = build_patch(obj, plan, site.spec_pointer, site.meta_pointer)
+                patch, note = build_patch_checked(obj, plan, site.spec_pointer, site.meta_pointer)
+                notes = (note,) if note else ()
             result.objects.append(
                 ObjectResult(
                     doc.source,
-                    doc.index,
+                    doc.index or 0,  # a read document always has an index
                     obj,
                     site.kind,
                     site.namespace,
@@ -203,6 +286,7 @@ def plan_documents(docs: list[Document], ctx: PlanContext, rewrite: bool = True)
                     site.spec_pointer,
                     plan,
                     patch,
+                    notes,
                 )
             )
             if patch and rewrite:
@@ -239,18 +323,30 @@ def _apply_in_place(
 
 
 def _locate(root: Any, original: Any, obj: Mapping[str, Any]) -> Any:
-    if original is obj:
-        return root
-    if isinstance(original, Mapping):
-        for k, v in original.items():
-            found = _locate(root[k], v, obj) if isinstance(v, Mapping | list) else None
-            if found is not None:
-                return found
-    elif isinstance(original, list):
-        for i, v in enumerate(original):
-            found = _locate(root[i], v, obj) if isinstance(v, Mapping | list) else None
-            if found is not None:
-                return found
+    """The node of ``root`` at the place ``obj`` has in ``original`` (same shape).
+
+    Each node of ``original`` is visited once, by identity: a document whose
+    YAML aliases share a subtree is a graph, and walking it as a tree costs the
+    alias expansion (issue 11's alias bomb).  Iterative, for deep documents.
+    """
+    seen: set[int] = set()
+    stack: list[tuple[Any, Any]] = [(root, original)]
+    while stack:
+        here, orig = stack.pop()
+        if orig is obj:
+            return here
+        if id(orig) in seen:
+            continue
+        seen.add(id(orig))
+        if isinstance(orig, Mapping):
+            items: list[tuple[Any, Any]] = list(orig.items())
+        elif isinstance(orig, list):
+            items = list(enumerate(orig))
+        else:
+            continue
+        for k, v in reversed(items):  # depth first, in document order
+            if isinstance(v, Mapping | list):
+                stack.append((here[k], v))
     return None
 
 
@@ -294,14 +390,14 @@ def render(result: RunResult, output: str, region: str | None, out: IO[str]) -> 
 
 def _render_diff(result: RunResult, out: IO[str]) -> None:
     changed = 0
-    by_doc: dict[tuple[str, int], list[ObjectResult]] = {}
+    by_doc: dict[tuple[str, int | None], list[ObjectResult]] = {}
     for o in result.objects:
         by_doc.setdefault((o.source, o.index), []).append(o)
     for n, doc in enumerate(result.documents):
         objs = by_doc.get((doc.source, doc.index), [])
         for o in objs:
-            for d in o.plan.warnings:
-                out.write(f"# warning: {doc.source}[{doc.index}] {o.kind} {o.name}: {d.message}\n")
+            for message in [d.message for d in o.plan.warnings] + list(o.notes):
+                out.write(f"# warning: {doc.source}[{doc.index}] {o.kind} {o.name}: {message}\n")
         if n not in result.rewritten:
             continue
         changed += 1
@@ -335,6 +431,10 @@ def run(
     if region is None:
         err.write("warning: no cluster region (--region, policy region, AWS_REGION); "
                   "partition checks are off and wrong accounts are fixed in place\n")  # fmt: skip
+    elif policy_mod.unknown_region(region):
+        err.write(f"warning: region {region} is not in the registry data (version "
+                  f"{DATA_VERSION}): its EKS account is unknown, so images in it are not "
+                  "judged; images in other regions still are\n")  # fmt: skip
     ctx = PlanContext.build(pol, region)
     docs: list[Document] = []
     failed = False
@@ -345,14 +445,16 @@ def run(
             else:
                 text = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            err.write(f"error: {name}: cannot read: {getattr(exc, 'strerror', None) or exc}\n")
-            failed = True
+            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            # A file-level error: in the report's errors too, with index null.
+            docs.append(Document(name, None, error=f"cannot read: {why}"))
             continue
         docs.extend(read_documents(name, text))
     result = plan_documents(docs, ctx, rewrite=output in ("yaml", "diff"))
     for d in docs:
         if d.error is not None:
-            err.write(f"error: {d.source}: document {d.index}: {d.error}\n")
+            where = "" if d.index is None else f" document {d.index}:"
+            err.write(f"error: {d.source}:{where} {d.error}\n")
             failed = True
     render(result, output, region, out)
     return 2 if failed else 0

@@ -24,7 +24,10 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
+import time
 import traceback
+from collections.abc import Callable
 from typing import IO, Any
 
 LOGGER_NAME = "ecr_webhook"
@@ -126,6 +129,44 @@ class Log:
             else None
         )
         self.logger.error(msg, extra={"err": text, "kv": kv}, exc_info=exc_info)
+
+
+class Throttle:
+    """Rate-limits a repeated report: at most one per ``interval`` seconds.
+
+    ``due()`` counts one occurrence and answers whether to report it now and how
+    many were held back since the last report; ``settle()`` answers how many
+    occurred since the last ``settle`` and resets (for a "recovered" line).  A disk
+    that fills up fails every admission's audit write; one line per interval
+    with a count says the same without flooding stderr (issue 11).
+    """
+
+    def __init__(self, interval: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._last: float | None = None
+        self._held = 0
+        self._count = 0
+
+    @property
+    def pending(self) -> bool:
+        return self._count > 0
+
+    def due(self) -> tuple[bool, int]:
+        with self._lock:
+            now = self.clock()
+            self._count += 1
+            if self._last is not None and now - self._last < self.interval:
+                self._held += 1
+                return False, 0
+            held, self._held, self._last = self._held, 0, now
+            return True, held
+
+    def settle(self) -> int:
+        with self._lock:
+            n, self._count, self._held, self._last = self._count, 0, 0, None
+            return n
 
 
 def stderr_line(text: str) -> None:

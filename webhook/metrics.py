@@ -14,11 +14,16 @@ ecr_webhook_request_duration_seconds        histogram  -
 ecr_webhook_requests_in_flight              gauge      -
 ecr_webhook_rewrites_total                  counter    reason, registry
 ecr_webhook_policy_reloads_total            counter    result (success, failure)
+ecr_webhook_certificate_reloads_total       counter    result (success, failure)
 ecr_webhook_errors_total                    counter    stage (admit, audit, record, policy,
                                                        certificate)
 ecr_webhook_build_info                      gauge      version
 ecr_webhook_probes_total                    counter    result (available, unavailable,
                                                        unknown, error)
+ecr_webhook_audit_write_errors_total        counter    errno (ENOSPC, EDQUOT, EIO, EPIPE,
+                                                       other): audit records lost
+ecr_webhook_cluster_region_unknown          gauge      - (1: the cluster region is not in
+                                                       the registry data)
 ==========================================  =========  ====================================
 
 Across gunicorn workers the values are correct through prometheus_client's
@@ -31,6 +36,7 @@ prometheus_client creates any value (``webhook.server``).  Without the variable
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -52,6 +58,7 @@ RESULTS = ("patched", "unchanged", "skipped", "error", "rejected")
 ERROR_STAGES = ("admit", "audit", "record", "policy", "certificate")
 PROBE_RESULTS = ("available", "unavailable", "unknown", "error")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+AUDIT_ERRNOS = ("ENOSPC", "EDQUOT", "EIO", "EPIPE", "other")
 # Admission latency: the kube-apiserver's default webhook timeout is 10 s
 # (admissionregistration.k8s.io/v1 timeoutSeconds, max 30); the buckets resolve
 # the sub-millisecond answers of a healthy webhook and reach that timeout.
@@ -93,6 +100,11 @@ class Metrics:
             f"{PREFIX}_policy_reloads", "Policy reloads after the file changed, by result.",
             ["result"], registry=r,
         )  # fmt: skip
+        self.certificate_reloads = Counter(
+            f"{PREFIX}_certificate_reloads", "Serving certificate reloads after the files "
+            "changed, by result (a failure keeps the previous certificate).",
+            ["result"], registry=r,
+        )  # fmt: skip
         self.errors = Counter(
             f"{PREFIX}_errors", "Internal errors, by stage (the admission still succeeds).",
             ["stage"], registry=r,
@@ -104,6 +116,19 @@ class Metrics:
         self.probes = Counter(
             f"{PREFIX}_probes", "Registry availability probes, by outcome.",
             ["result"], registry=r,
+        )  # fmt: skip
+        # Why audit records were lost (each is also in errors_total{stage="audit"}):
+        # a full disk is the one an operator can fix, so it gets its own series.
+        self.audit_write_errors = Counter(
+            f"{PREFIX}_audit_write_errors", "Audit records not written, by errno.",
+            ["errno"], registry=r,
+        )  # fmt: skip
+        # A region AWS launched after this release: the server serves, but the
+        # static facts know no EKS account there (issue 11).  Alert on it.
+        self.region_unknown = Gauge(
+            f"{PREFIX}_cluster_region_unknown",
+            "1 when the cluster region is missing from the registry data, else 0.",
+            registry=r, multiprocess_mode="livemax",
         )  # fmt: skip
         self.build_info.labels(__version__).set(1)
         # labels() costs a lock and a dict lookup of a tuple of strings; the
@@ -119,8 +144,11 @@ class Metrics:
             self.errors.labels(stage)
         for result in ("success", "failure"):
             self.policy_reloads.labels(result)
+            self.certificate_reloads.labels(result)
         for result in PROBE_RESULTS:
             self.probes.labels(result)
+        for name in AUDIT_ERRNOS:
+            self.audit_write_errors.labels(name)
 
     def observe(self, code: int, result: str, seconds: float) -> None:
         key = (code, result)
@@ -152,6 +180,13 @@ class Metrics:
         if path is None:
             return generate_latest(self.registry), CONTENT_TYPE_LATEST
         return multiprocess_exposition(path)
+
+
+def errno_label(exc: BaseException) -> str:
+    """The bounded ``errno`` label of a failed audit write."""
+    code = getattr(exc, "errno", None)
+    name = errno.errorcode.get(code, "") if isinstance(code, int) else ""
+    return name if name in AUDIT_ERRNOS else "other"
 
 
 def multiprocess_exposition(path: str) -> tuple[bytes, str]:

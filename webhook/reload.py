@@ -33,6 +33,11 @@ from webhook.core.plan import Oracle, PlanContext
 from webhook.core.policy import Policy, load_policy, resolve_region
 
 Signature = tuple[int, int, int, int]
+# Logged (with the region) at start and after a reload to such a region (issue 11).
+UNKNOWN_REGION_MESSAGE = (
+    "cluster region not in the registry data: its EKS account is unknown, so images "
+    "in it are not judged (other regions still are); update ecr-webhook"
+)
 ReloadListener = Callable[[str, BaseException | None], None]
 
 

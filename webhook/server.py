@@ -65,8 +65,15 @@ from gunicorn.workers import gthread
 from webhook import certs, logs
 from webhook.auditlog import AuditLog
 from webhook.config import ServeConfig
+from webhook.core.ecr import DATA_VERSION
 from webhook.core.errors import ConfigError
-from webhook.reload import CertificateHolder, build_context, load_certificate
+from webhook.core.policy import unknown_region
+from webhook.reload import (
+    UNKNOWN_REGION_MESSAGE,
+    CertificateHolder,
+    build_context,
+    load_certificate,
+)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 KEEPALIVE_SECONDS = 120
@@ -373,6 +380,11 @@ def run(
         # only wrong accounts are fixed, within each image's own region.
         log.error("no cluster region: set --region, the policy's region or AWS_REGION; "
                     "partition checks are off")  # fmt: skip
+    elif unknown_region(region):
+        # A region launched after this release (issue 11): serve anyway.  Counted
+        # by each worker in ecr_webhook_cluster_region_unknown.
+        log.error(UNKNOWN_REGION_MESSAGE, err=f"unknown region {region}", region=region,
+                  dataVersion=DATA_VERSION)  # fmt: skip
     metrics_sock = listen(config.host, config.metrics_port, "--metrics-port")
     metrics_sock.setblocking(False)
 

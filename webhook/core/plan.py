@@ -381,9 +381,12 @@ def _candidate(
             return None
         domain, path = target.registry, target.path_for(upstream)
     else:
-        # No cluster region: fall back to the image's own region, which is what
-        # fixes a wrong-account reference without any configuration.
-        region = target.region or cluster.region or (h.region if h else None)
+        # No cluster region, or one the registry data does not list (a region
+        # launched after this release: its EKS account is unknown): fall back to
+        # the image's own region, which is what fixes a wrong-account reference
+        # without any configuration.  The partition check below still holds.
+        home = cluster.region if cluster.region in ctx.facts.regions else None
+        region = target.region or home or (h.region if h else None)
         if region is None or region not in ctx.facts.regions:
             return None
         if ctx.facts.partition_of(region) != partition:

@@ -169,10 +169,22 @@ def _str_list(doc: Mapping[str, Any], key: str, src: str, where: str) -> tuple[s
     return tuple(value)
 
 
-def _region(value: object, field_: str, src: str, facts: ecr.EcrFacts) -> str:
+def _region(
+    value: object, field_: str, src: str, facts: ecr.EcrFacts, *, cluster: bool = False
+) -> str:
+    """A validated region name.
+
+    ``cluster`` marks the cluster's own region (``region:``, ``--region``,
+    AWS_REGION): a well-formed name that the registry data does not list is
+    accepted there, because AWS launches regions after a release and a webhook
+    that refuses to start in one crash-loops (issue 11).  Its partition follows
+    from the name (``ecr.partition_of_region``); the static facts then know no
+    EKS account for it (see ``webhook.core.plan``), and the shells warn and
+    count it.  A target region must be known: there is nothing to rewrite to.
+    """
     if not isinstance(value, str) or ecr.partition_of_region(value) is None:
         raise _fail(field_, value, "not an AWS region name (e.g. us-west-2)", src)
-    if value not in facts.regions:
+    if value not in facts.regions and not cluster:
         raise _fail(
             field_,
             value,
@@ -214,7 +226,7 @@ def policy_from_mapping(
 
     region = doc.get("region")
     if region is not None:
-        region = _region(region, "region", source, facts)
+        region = _region(region, "region", source, facts, cluster=True)
 
     # An explicit list replaces the defaults, even an empty one (manage nothing).
     listed = _str_list(doc, "repositories", source, "")
@@ -344,5 +356,11 @@ def resolve_region(
     ):
         if value:
             src = {"--region": "command line", "region": policy.source}.get(name, "environment")
-            return _region(value, name, src, facts)
+            return _region(value, name, src, facts, cluster=True)
     return None
+
+
+def unknown_region(region: str | None, facts: ecr.EcrFacts | None = None) -> bool:
+    """True for a cluster region that is well-formed but not in the registry data."""
+    facts = facts or ecr.default_facts()
+    return region is not None and region not in facts.regions

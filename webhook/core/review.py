@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, NotRequired, TypedDict, cast
 
 from webhook.core.errors import ReviewError
-from webhook.core.patch import PatchOp, build_patch
+from webhook.core.patch import PatchOp, build_patch_checked
 from webhook.core.plan import CONTAINER_KINDS, PlanContext, PodPlan, plan_pod
 from webhook.core.policy import ORIGINALS_ANNOTATION
 
@@ -211,8 +211,13 @@ def admit(body: object, ctx: PlanContext) -> Outcome:
     # strategy drops every other change, annotations included, without an error;
     # seen against kube-apiserver v1.37 in tests/e2e/test_webhook.py).  So only the
     # image operations are sent there, and the audit record keeps the originals.
-    patch = tuple(build_patch(pod, plan, annotation=None if ephemeral else ORIGINALS_ANNOTATION))
+    ops, omitted = build_patch_checked(
+        pod, plan, annotation=None if ephemeral else ORIGINALS_ANNOTATION
+    )
+    patch = tuple(ops)
     warnings = tuple(d.short_message(MAX_WARNING) for d in plan.rewrites + plan.warnings)
+    if omitted is not None:
+        warnings += (omitted,)
     decision: Decision = "patched" if patch else "unchanged"
     return Outcome(
         response(api_version, uid, patch, warnings), decision, request, plan, patch, warnings
