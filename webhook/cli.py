@@ -20,6 +20,7 @@ from webhook.core.errors import EcrWebhookError
 
 OUTPUTS = ("diff", "patch", "yaml", "json")
 PORT = click.IntRange(1, 65535)
+NODE_OSES = ("bottlerocket", "al2", "al2023", "containerd")
 DAYS = click.IntRange(1, 3650)  # at most ten years: a certificate is meant to rotate
 
 
@@ -181,6 +182,24 @@ def certs_bootstrap(
             )
         )
     )
+
+
+@cli.command("node-config")
+@click.option("--os", "os_name", required=True, type=click.Choice(NODE_OSES))
+@click.option("--region", required=True, help="The nodes' AWS region.")
+@click.option("--pause-tag", help="eks/pause tag (default: what the OS images ship).")
+@click.option("--mirror", help="REGISTRY[/PREFIX] holding eks/pause, instead of the EKS registry.")
+@click.option("-o", "--output", type=click.Choice(("text", "json")), default="text")
+def node_config(
+    os_name: str, region: str, pause_tag: str | None, mirror: str | None, output: str
+) -> None:
+    """Print the node setting that points the sandbox (pause) image at a reachable registry."""
+    import json
+
+    from webhook.core.nodeconfig import render
+
+    cfg = render(os_name, region, pause_tag=pause_tag, mirror=mirror)
+    click.echo(json.dumps(cfg.to_json(), indent=2) if output == "json" else cfg.to_text())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
