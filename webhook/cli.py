@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import click
 
@@ -200,6 +201,23 @@ def node_config(
 
     cfg = render(os_name, region, pause_tag=pause_tag, mirror=mirror)
     click.echo(json.dumps(cfg.to_json(), indent=2) if output == "json" else cfg.to_text())
+
+
+@cli.command()
+@click.option("--kubeconfig", help="Kubeconfig (default: $KUBECONFIG, ~/.kube/config, in-cluster).")
+@click.option("--context", help="Kubeconfig context.")
+@click.option("-n", "--namespace", help="Namespace (default: the context's).")
+@click.option("-A", "--all-namespaces", is_flag=True)
+@click.option("-o", "--output", type=click.Choice(("table", "json")), default="table")
+@click.option("--region", help="Region for nodes whose region is unknown (default: policy).")
+@click.option("--policy", "policy_file", help="Policy YAML (default: the webhook's ConfigMap).")
+def scan(**kwargs: Any) -> None:
+    """Explain image-pull failures of ECR images in a cluster and name their fixes."""
+    from webhook.scan import ScanOptions, run
+
+    if kwargs["namespace"] and kwargs["all_namespaces"]:
+        raise click.UsageError("--namespace and --all-namespaces exclude each other")
+    sys.exit(run(ScanOptions(**kwargs), sys.stdout))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
