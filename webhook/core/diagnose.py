@@ -66,7 +66,8 @@ _FORBIDDEN = re.compile(
 )
 _SANDBOX_IMAGE = re.compile(r'failed to get sandbox image \\?"([^"\\]+)\\?"')
 _PULL_IMAGE = re.compile(
-    r'(?:failed to pull image|back-off pulling image|pullimage) \\?"([^"\\]+)\\?"', re.I
+    r'(?:failed to pull(?: and unpack)? image|back-off pulling image|pullimage) \\?"([^"\\]+)\\?"',
+    re.I,
 )
 _NODE_REGION = re.compile(r"\.([a-z]{2,4}(?:-[a-z]+)+-\d+)\.compute\.internal$")
 
