@@ -264,15 +264,17 @@ def _from_events(
         ns, name = str(obj.get("namespace", "")), str(obj.get("name", ""))
         pod = pods.get((ns, name))
         sandbox = diagnose.is_sandbox_failure(reason, message)
-        image: str | None = diagnose.image_in_message(message)
         container = None
         field_path = str(obj.get("fieldPath", ""))
         if "{" in field_path:
             container = field_path.split("{", 1)[1].rstrip("}")
-        if image is None and not sandbox:
-            if not message.startswith("Failed to pull image"):
-                continue  # "Error: ErrImagePull" and the like carry no detail
-            image = _spec_images(pod or {}).get(container or "")
+        if not sandbox and not message.startswith("Failed to pull image"):
+            continue  # "Error: ErrImagePull" and the like carry no detail
+        # The container's image in the pod spec is authoritative; the message's
+        # is used for the sandbox image and for pods already gone.
+        image = (None if sandbox else _spec_images(pod or {}).get(container or "")) or (
+            diagnose.image_in_message(message)
+        )
         if not image:
             continue
         node = ((pod or {}).get("spec") or {}).get("nodeName") or (ev.get("source") or {}).get(
