@@ -71,9 +71,9 @@ def scan(opts: ScanOptions) -> diagnose.Report:
         ns = None if opts.all_namespaces else (opts.namespace or default_ns)
         where = "all namespaces" if ns is None else f"namespace {ns}"
         notes: list[str] = []
+        pods = _list(core, "pod", ns, where)  # first: a cluster we cannot reach fails here
         policy = _policy(core, opts.policy_file, notes)
         region = opts.region or policy.region
-        pods = _list(core, "pod", ns, where)
         events = [
             e
             for reason in EVENT_REASONS
@@ -168,12 +168,15 @@ def _list(
 
 def _nodes(core: Any, notes: list[str]) -> dict[str, diagnose.NodeFacts]:
     from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
 
     try:
         doc = _json(core.list_node(_preload_content=False))
     except ApiException as exc:
         notes.append(f"nodes not readable (HTTP {exc.status}): regions from node names only")
         return {}
+    except (HTTPError, OSError) as exc:
+        raise _api_error(exc, "listing nodes") from None
     nodes = {}
     for n in doc.get("items") or []:
         meta = n.get("metadata") or {}
@@ -191,6 +194,7 @@ def _nodes(core: Any, notes: list[str]) -> dict[str, diagnose.NodeFacts]:
 def _policy(core: Any, policy_file: str | None, notes: list[str]) -> Policy:
     """--policy FILE, else the webhook's ConfigMap, else the defaults (with a note)."""
     from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
 
     if policy_file:
         try:
@@ -208,6 +212,8 @@ def _policy(core: Any, policy_file: str | None, notes: list[str]) -> Policy:
     except ApiException as exc:
         notes.append(f"{source} not readable (HTTP {exc.status}): default policy used")
         return Policy()
+    except (HTTPError, OSError) as exc:
+        raise _api_error(exc, f"reading {source}") from None
     data = (cm.get("data") or {}).get(POLICY_KEY)
     if not data:
         return Policy(source=f"{source} (empty: defaults)")
