@@ -115,12 +115,16 @@ def test_300_pods_on_one_pause_image_are_one_finding(capsys: pytest.CaptureFixtu
     (f,) = report.findings
     assert f.cls is FailureClass.SANDBOX_NO_CREDENTIALS and f.sandbox
     assert len(f.pods) == 300 and sum(f.nodes.values()) == 300 and len(f.nodes) == 3
-    assert f.commands == ("ecr-webhook node-config --os bottlerocket --region eu-central-1",)
     assert f.webhook is None
     assert any("cannot rewrite" in x for x in f.fix)
-    # The command the finding names works and sets the image the node failed on.
-    argv = f.commands[0].split()[1:]
-    assert main(argv) == 0
+    # The node already names eu-central-1's registry: no command to run, but the
+    # finding says which node-config command prints that same image, and why
+    # the image is gone (garbage collection; Bottlerocket pins it from 1.19.1).
+    assert f.commands == ()
+    assert any("#3757" in x and "restarting the kubelet" in x for x in f.fix)
+    (cmd,) = {m for x in f.fix for m in re.findall(r"`(ecr-webhook node-config[^`]*)`", x)}
+    assert cmd == "ecr-webhook node-config --os bottlerocket --region eu-central-1"
+    assert main(cmd.split()[1:]) == 0
     out = capsys.readouterr().out
     image = tomllib.loads(out)["settings"]["kubernetes"]["pod-infra-container-image"]
     assert image == PAUSE_EC1
@@ -136,8 +140,31 @@ def test_mirror_in_policy_goes_into_the_node_config_command() -> None:
     )
     report = diagnose.build_report([_sandbox_obs(0, "n1")], {}, {}, policy, region="eu-central-1")
     assert report.findings[0].commands == (
-        "ecr-webhook node-config --os containerd --region eu-central-1 "
+        "ecr-webhook node-config --os containerd --region eu-central-1 --pause-tag 3.1-eksbuild.1 "
         "--mirror 111122223333.dkr.ecr.eu-central-1.amazonaws.com/eks-mirror",
+    )
+
+
+def test_sandbox_image_in_a_wrong_registry_gets_the_node_config_command(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A node whose pause image names an account that does not serve its region
+    (the aws/amazon-vpc-cni-k8s#3284 text, with the pause image in place of
+    amazon-k8s-cni-init): running the command the finding names sets the right one."""
+    wrong = "602401143452.dkr.ecr.ap-southeast-4.amazonaws.com/eks/pause:3.10"
+    text = WRONG_ACCOUNT["message"].replace(WRONG_ACCOUNT["image"], wrong)
+    text = text.replace("/v2/amazon-k8s-cni-init/manifests/v1.19.4", "/v2/eks/pause/manifests/3.10")
+    obs = Observation("ns", "p", "n1", wrong, text, True, "event", "FailedCreatePodSandBox")
+    nodes = {"n1": NodeFacts("n1", "ap-southeast-4", "Amazon Linux 2023.6.20241212")}
+    (f,) = diagnose.build_report([obs], {}, nodes, Policy()).findings
+    assert f.cls is FailureClass.WRONG_ACCOUNT and f.sandbox
+    (cmd,) = f.commands
+    assert cmd == "ecr-webhook node-config --os al2023 --region ap-southeast-4 --pause-tag 3.10"
+    assert main(cmd.split()[1:]) == 0
+    doc = yaml.safe_load(capsys.readouterr().out)
+    config = tomllib.loads(doc["spec"]["containerd"]["config"])
+    assert config["plugins"]["io.containerd.grpc.v1.cri"]["sandbox_image"] == (
+        "491585149902.dkr.ecr.ap-southeast-4.amazonaws.com/eks/pause:3.10"
     )
 
 

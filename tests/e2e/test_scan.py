@@ -332,8 +332,16 @@ def test_every_class_is_found_and_explained(
     (seed,) = classes["sandbox-no-credentials"]
     assert seed["image"] == PAUSE_EC1 and seed["sandbox"] is True
     assert seed["podCount"] == 6 and seed["nodes"] == {BR_NODE: 6}
-    assert seed["commands"] == ["ecr-webhook node-config --os bottlerocket --region eu-central-1"]
-    assert any("1.21.0" in x for x in seed["fix"])
+    # The node names eu-central-1's own registry already: nothing to change in
+    # its settings; the image was garbage-collected and cannot be pulled again
+    # without credentials.  The finding says so and how Bottlerocket fixes it.
+    assert seed["commands"] == []
+    assert any(
+        "`ecr-webhook node-config --os bottlerocket --region eu-central-1` prints this same image"
+        in x
+        for x in seed["fix"]
+    )
+    assert any("#3757" in x and "#3940" in x for x in seed["fix"])
 
     (wa,) = classes["wrong-account"]
     assert wa["pods"] == ["kube-system/aws-node-a4x7k"]
@@ -371,7 +379,11 @@ def test_table_output_names_each_fix(cluster: tuple[ControlPlane, dict[str, Any]
     code, table = run_scan(cp.kubeconfig, "-A")
     assert code == 0
     assert "[1] sandbox-no-credentials  sandbox image " + PAUSE_EC1 in table
-    assert "run:  ecr-webhook node-config --os bottlerocket --region eu-central-1" in table
+    assert "`ecr-webhook node-config --os bottlerocket --region eu-central-1` prints" in table
+    assert (
+        "run:  ecr-webhook probe " + FIXTURES["vpc-cni-3526-eu-central-1-tag-not-found"]["image"]
+        in table
+    )
     assert f"run:  ecr-webhook probe {UNREACHABLE_IMAGE}" in table
     assert "Traceback" not in table
 

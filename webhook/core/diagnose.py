@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from webhook.core import ecr
+from webhook.core import ecr, nodeconfig
+from webhook.core.errors import ConfigError
 from webhook.core.imageref import try_parse
 from webhook.core.plan import Action, PlanContext, plan_pod
 from webhook.core.policy import Policy
@@ -282,13 +283,34 @@ def classify(
     return Diagnosis(FailureClass.UNCLASSIFIED, "Not a known failure; the text is shown as is.")
 
 
-def _node_config_command(node: NodeFacts | None, region: str | None, policy: Policy) -> str:
+def _node_config(
+    node: NodeFacts | None, region: str | None, policy: Policy, image: str, facts: ecr.EcrFacts
+) -> tuple[str, str | None]:
+    """The ``node-config`` command for this node, and the image it would set.
+
+    The tag of the failing image is kept (``--pause-tag``) so that only the
+    registry changes.  The image is None when node-config cannot render it
+    (a region the registry data does not know and no mirror).
+    """
     os_name = node.node_os if node else "containerd"
-    cmd = f"ecr-webhook node-config --os {os_name} --region {region or '<region>'}"
+    ref = try_parse(image)
+    tag = ref.tag if ref is not None and ref.tag else None
+    mirror = None
     if policy.mirrors:
         m = policy.mirrors[0]
-        cmd += f" --mirror {m.registry}/{m.prefix}" if m.prefix else f" --mirror {m.registry}"
-    return cmd
+        mirror = f"{m.registry}/{m.prefix}" if m.prefix else m.registry
+    cmd = f"ecr-webhook node-config --os {os_name} --region {region or '<region>'}"
+    if tag and tag != nodeconfig.DEFAULT_PAUSE_TAGS[os_name]:
+        cmd += f" --pause-tag {tag}"
+    if mirror:
+        cmd += f" --mirror {mirror}"
+    if region is None:
+        return cmd, None
+    try:
+        rendered = nodeconfig.render(os_name, region, pause_tag=tag, mirror=mirror, facts=facts)
+    except ConfigError:
+        return cmd, None
+    return cmd, rendered.image
 
 
 def _webhook_verdict(
@@ -409,26 +431,7 @@ def _fix(
 ) -> tuple[tuple[str, ...], tuple[str, ...], str | None]:
     probe = f"ecr-webhook probe {obs.image}"
     if sandbox:
-        fix = [
-            "The sandbox (pause) image is node configuration, in no pod spec: the webhook "
-            "cannot rewrite it. Point the nodes at a registry they can pull from:"
-        ]
-        version = node.bottlerocket_version if node else None
-        if version is not None and version >= (1, 21, 0):
-            fix.append(
-                f"This node runs Bottlerocket {'.'.join(map(str, version))}, which ships the "
-                "pause image in the OS and ignores pod-infra-container-image; update the "
-                "node's settings or AMI and look for what overrides the sandbox image."
-            )
-        elif node is not None and node.node_os == "bottlerocket":
-            fix.append(
-                "Bottlerocket 1.21.0 and later ship the pause image inside the OS: updating "
-                "the nodes removes this registry pull altogether."
-            )
-        commands: tuple[str, ...] = (_node_config_command(node, region, policy),)
-        if cls in (FailureClass.UNREACHABLE, FailureClass.NOT_FOUND):
-            commands += (probe,)
-        return tuple(fix), commands, None
+        return _sandbox_fix(cls, obs, node, region, policy, ctx.facts, probe)
     pod = pods.get((obs.namespace, obs.pod))
     verdict, rewrites = _webhook_verdict(obs, pod, ctx)
     if cls in (FailureClass.WRONG_ACCOUNT, FailureClass.WRONG_PARTITION):
@@ -471,6 +474,67 @@ def _fix(
             verdict,
         )
     return ("Unclassified: read the message below.",), (probe,), verdict
+
+
+def _sandbox_fix(
+    cls: FailureClass,
+    obs: Observation,
+    node: NodeFacts | None,
+    region: str | None,
+    policy: Policy,
+    facts: ecr.EcrFacts,
+    probe: str,
+) -> tuple[tuple[str, ...], tuple[str, ...], str | None]:
+    fix = [
+        "The sandbox (pause) image is node configuration, in no pod spec: the webhook "
+        "cannot rewrite it."
+    ]
+    cmd, wanted = _node_config(node, region, policy, obs.image, facts)
+    version = node.bottlerocket_version if node else None
+    bottlerocket = node is not None and node.node_os == "bottlerocket"
+    if version is not None and version >= (1, 21, 0):
+        fix.append(
+            f"This node runs Bottlerocket {'.'.join(map(str, version))}, which ships the pause "
+            "image in the OS and ignores pod-infra-container-image: find what overrides the "
+            "sandbox image on it (a custom containerd config or bootstrap container)."
+        )
+    if wanted is not None and wanted == obs.image:
+        fix.append(
+            f"The node already names the registry that serves {region} (`{cmd}` prints this "
+            "same image): the setting is right, the image was lost and containerd cannot pull "
+            "it again without credentials."
+        )
+        if bottlerocket:
+            fix.append(
+                "Bottlerocket: 1.19.1 and later pin the pause image so it is not garbage-"
+                "collected (bottlerocket-os/bottlerocket#3757), 1.21.0 and later ship it in the "
+                "OS (#3940): update the nodes. Until then, restarting the kubelet (or the node) "
+                "pulls it again: the kubelet unit pulls it with host-ctr, which has ECR "
+                "credentials, before it starts."
+            )
+        else:
+            fix.append(
+                "EKS AMIs: use a release that keeps the pause image pinned "
+                "(awslabs/amazon-eks-ami#1597); `systemctl restart sandbox-image` pulls it "
+                "again with ECR credentials on AL2 (awslabs/amazon-eks-ami#1425); or replace "
+                "the node. A registry containerd can pull from without credentials (--mirror) "
+                "removes the dependency."
+            )
+        commands: tuple[str, ...] = ()
+    else:
+        fix.append(
+            "Point the nodes' sandbox image at a registry they can pull from"
+            + (f" ({wanted}):" if wanted else ":")
+        )
+        if bottlerocket:
+            fix.append(
+                "Bottlerocket 1.21.0 and later ship the pause image inside the OS: updating "
+                "the nodes removes this registry pull altogether."
+            )
+        commands = (cmd,)
+    if cls in (FailureClass.UNREACHABLE, FailureClass.NOT_FOUND):
+        commands += (probe,)
+    return tuple(fix), commands, None
 
 
 def render_table(report: Report, *, max_pods: int = 3, max_nodes: int = 5) -> str:
