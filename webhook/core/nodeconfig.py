@@ -275,9 +275,10 @@ def _bottlerocket(cfg: NodeConfig, _facts: ecr.RegionFacts | None) -> Rendered:
     # pod-infra-container-image; its default up to 1.20.x was generated from
     # settings.aws.region (../shared/corpus/bottlerocket/bottlerocket-v1.20.0__...-aws.toml).
     notes = (
-        "On Bottlerocket 1.21.0 and later this setting changes nothing: there, update "
-        "nodes to a current release instead. Before 1.21.0 it is the fix; updating to "
-        "1.21.0 or later removes the registry pull of the pause image altogether.",
+        "On 1.21.0 and later this setting changes nothing (the image is local). Before "
+        "1.21.0 it names the image the kubelet unit pulls with host-ctr, which has ECR "
+        "credentials, when the kubelet starts; updating to 1.21.0 or later removes this "
+        "registry pull altogether.",
         "Bottlerocket 1.19.1 and later pin the pause image so the kubelet (1.29+) does "
         "not garbage-collect it (bottlerocket-os/bottlerocket#3757, #3745).",
     )
