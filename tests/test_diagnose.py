@@ -182,7 +182,7 @@ def test_wrong_account_names_what_the_webhook_does() -> None:
     assert "491585149902.dkr.ecr.ap-southeast-4.amazonaws.com/amazon-k8s-cni-init:v1.19.4" in (
         f.webhook
     )
-    assert "roll out DaemonSet/aws-node" in f.webhook
+    assert f.commands == ("kubectl -n kube-system rollout restart daemonset/aws-node",)
     # Excluded namespace: the webhook leaves it, and the finding says so.
     excluded = load_policy("exclude: {namespaces: [kube-system]}")
     (f,) = diagnose.build_report(
@@ -212,9 +212,12 @@ def test_unclassified_shows_the_text_and_non_ecr_is_counted() -> None:
         Observation("a", "p2", "n", "docker.io/library/nginx:nope", "not found", False,
                     "status", "ErrImagePull", "c"),
     ]  # fmt: skip
-    report = diagnose.build_report(obs, {}, {}, Policy(), scanned_pods=2)
+    report = diagnose.build_report(obs, {}, {}, Policy(), region="eu-central-1", scanned_pods=2)
     (f,) = report.findings
     assert f.cls is FailureClass.UNCLASSIFIED and f.message == text
+    # The pause image already names eu-central-1's registry: no node setting to change.
+    assert any("will not help" in x for x in f.fix)
+    assert f.commands == (f"ecr-webhook probe {PAUSE_EC1}",)
     assert report.ignored_non_ecr == 1
     table = diagnose.render_table(report)
     assert text in table and "1 failing pull(s) of images not on ECR not shown" in table

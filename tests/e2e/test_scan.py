@@ -89,8 +89,9 @@ def _pod(
     *,
     init: dict[str, str] | None = None,
     owner: tuple[str, str] | None = None,
+    labels: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": name, "namespace": ns}
+    meta: dict[str, Any] = {"name": name, "namespace": ns, "labels": labels or {}}
     if owner:
         meta["ownerReferences"] = [
             {
@@ -254,6 +255,7 @@ def _populate(core: client.CoreV1Api) -> None:
         CN_NODE,
         {"aws-load-balancer-controller": wp["image"]},
         owner=("ReplicaSet", "aws-load-balancer-controller-75c785bc8c"),
+        labels={"pod-template-hash": "75c785bc8c"},
     )
     _waiting(core, pod, {"aws-load-balancer-controller": ("ErrImagePull", _detail(wp["message"]))})
     _event(core, pod, "Failed", wp["message"], "aws-load-balancer-controller")
@@ -349,7 +351,7 @@ def test_every_class_is_found_and_explained(
         "491585149902.dkr.ecr.ap-southeast-4.amazonaws.com/amazon-k8s-cni-init:v1.19.4"
         in (wa["webhook"])
     )
-    assert "roll out DaemonSet/aws-node" in wa["webhook"]
+    assert wa["commands"] == ["kubectl -n kube-system rollout restart daemonset/aws-node"]
 
     (nf,) = classes["not-found"]
     assert nf["pods"] == ["kube-system/aws-node-ec1nf"] and "3526" in nf["why"]
@@ -364,7 +366,9 @@ def test_every_class_is_found_and_explained(
 
     (wp,) = classes["wrong-partition"]
     assert "918309763551.dkr.ecr.cn-north-1.amazonaws.com.cn" in wp["webhook"]
-    assert "ReplicaSet/aws-load-balancer-controller-75c785bc8c" in wp["webhook"]
+    assert wp["commands"] == [
+        "kubectl -n kube-system rollout restart deployment/aws-load-balancer-controller"
+    ]
 
     assert classes["access-denied"][0]["pods"] == [f"{NS}/brupop"]
     assert classes["no-credentials"][0]["pods"] == [f"{NS}/cni-init-selfmanaged"]

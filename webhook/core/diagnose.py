@@ -313,36 +313,57 @@ def _node_config(
     return cmd, rendered.image
 
 
-def _webhook_verdict(
-    obs: Observation, pod: Mapping[str, Any] | None, ctx: PlanContext
-) -> tuple[str, bool]:
-    """What the webhook does with this pod under the policy: (sentence, rewrites?)."""
-    if pod is None:
-        return "the pod is gone; cannot plan it", False
-    meta = pod.get("metadata") or {}
-    plan = plan_pod(meta, pod.get("spec"), obs.namespace, ctx)
+def _rollout(meta: Mapping[str, Any], namespace: str) -> str | None:
+    """The kubectl command that recreates the pod's siblings, from its controller."""
     owner = next(
         (
-            f"{o.get('kind')}/{o.get('name')}"
+            o
             for o in meta.get("ownerReferences") or []
             if isinstance(o, Mapping) and o.get("controller")
         ),
         None,
     )
+    if owner is None:
+        return None
+    kind, name = str(owner.get("kind", "")), str(owner.get("name", ""))
+    if kind == "ReplicaSet":
+        # A Deployment's ReplicaSet is named <deployment>-<pod-template-hash>.
+        labels = meta.get("labels") or {}
+        h = str(labels.get("pod-template-hash", "")) if isinstance(labels, Mapping) else ""
+        if h and name.endswith("-" + h):
+            kind, name = "Deployment", name[: -len(h) - 1]
+        else:
+            return f"kubectl -n {namespace} delete pod -l <the ReplicaSet's selector>"
+    if kind not in ("Deployment", "DaemonSet", "StatefulSet"):
+        return None
+    return f"kubectl -n {namespace} rollout restart {kind.lower()}/{name}"
+
+
+def _webhook_verdict(
+    obs: Observation, pod: Mapping[str, Any] | None, ctx: PlanContext
+) -> tuple[str, str | None]:
+    """What the webhook does with this pod under the policy, and the command that
+    makes it act (None when it does not rewrite the image)."""
+    if pod is None:
+        return "the pod is gone; cannot plan it", None
+    meta = pod.get("metadata") or {}
+    plan = plan_pod(meta, pod.get("spec"), obs.namespace, ctx)
     if plan.skipped:
-        return f"the webhook leaves this pod alone: {plan.skipped}", False
+        return f"the webhook leaves this pod alone: {plan.skipped}", None
     for d in plan.decisions:
         if d.image != obs.image:
             continue
         if d.action is Action.REWRITE:
-            again = f"roll out {owner}" if owner else "recreate the pod"
-            return (
-                f"the webhook rewrites it to {d.target} ({d.reason}) when the pod is created: "
-                f"{again} so that new pods pass through the webhook",
-                True,
+            again = (
+                _rollout(meta, obs.namespace) or f"kubectl -n {obs.namespace} delete pod {obs.pod}"
             )
-        return f"the webhook keeps it ({d.reason}: {d.detail or 'no rule applies'})", False
-    return "the image is in no container of the pod spec", False
+            return (
+                f"the webhook rewrites it to {d.target} ({d.reason}) when the pod is created "
+                "again: recreate the pods so that they pass through the webhook",
+                again,
+            )
+        return f"the webhook keeps it ({d.reason}: {d.detail or 'no rule applies'})", None
+    return "the image is in no container of the pod spec", None
 
 
 def build_report(
@@ -433,10 +454,10 @@ def _fix(
     if sandbox:
         return _sandbox_fix(cls, obs, node, region, policy, ctx.facts, probe)
     pod = pods.get((obs.namespace, obs.pod))
-    verdict, rewrites = _webhook_verdict(obs, pod, ctx)
+    verdict, again = _webhook_verdict(obs, pod, ctx)
     if cls in (FailureClass.WRONG_ACCOUNT, FailureClass.WRONG_PARTITION):
-        if rewrites:
-            return (f"Webhook: {verdict}.",), (), verdict
+        if again:
+            return (f"Webhook: {verdict}.",), (again,), verdict
         return (
             (
                 f"Webhook: {verdict}. Point the image at the registry of the node's region by "
@@ -498,7 +519,17 @@ def _sandbox_fix(
             "image in the OS and ignores pod-infra-container-image: find what overrides the "
             "sandbox image on it (a custom containerd config or bootstrap container)."
         )
-    if wanted is not None and wanted == obs.image:
+    commands: tuple[str, ...] = ()
+    if (
+        wanted is not None
+        and wanted == obs.image
+        and cls is not FailureClass.SANDBOX_NO_CREDENTIALS
+    ):
+        fix.append(
+            f"The node already names the registry that serves {region} (`{cmd}` prints this "
+            "same image): changing the setting will not help; the cause is the one above."
+        )
+    elif wanted is not None and wanted == obs.image:
         fix.append(
             f"The node already names the registry that serves {region} (`{cmd}` prints this "
             "same image): the setting is right, the image was lost and containerd cannot pull "
@@ -520,7 +551,6 @@ def _sandbox_fix(
                 "the node. A registry containerd can pull from without credentials (--mirror) "
                 "removes the dependency."
             )
-        commands: tuple[str, ...] = ()
     else:
         fix.append(
             "Point the nodes' sandbox image at a registry they can pull from"
@@ -532,7 +562,7 @@ def _sandbox_fix(
                 "the nodes removes this registry pull altogether."
             )
         commands = (cmd,)
-    if cls in (FailureClass.UNREACHABLE, FailureClass.NOT_FOUND):
+    if cls in (FailureClass.UNREACHABLE, FailureClass.NOT_FOUND, FailureClass.UNCLASSIFIED):
         commands += (probe,)
     return tuple(fix), commands, None
 
