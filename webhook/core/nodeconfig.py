@@ -311,8 +311,10 @@ def _containerd2(image: str) -> str:
 def _containerd(cfg: NodeConfig, _facts: ecr.RegionFacts | None) -> Rendered:
     notes = (
         "Merge the section into /etc/containerd/config.toml (or a file it imports) and "
-        "restart containerd. The node must be able to pull the image without the kubelet's "
-        "credential provider: containerd pulls the sandbox image with its own credentials.",
+        "restart containerd. containerd pulls the sandbox image itself, without the "
+        "kubelet's ECR credential provider: the EKS AMIs pull it once at boot with ECR "
+        "credentials; a registry containerd can pull from without credentials avoids the "
+        "dependency.",
     )
     one = _header(cfg, CONTAINERD1_APPLIES, notes) + "version = 2\n\n" + _containerd1(cfg.image)
     two = _header(cfg, CONTAINERD2_APPLIES, notes) + "version = 3\n\n" + _containerd2(cfg.image)
@@ -325,7 +327,7 @@ def _containerd(cfg: NodeConfig, _facts: ecr.RegionFacts | None) -> Rendered:
 AL2_APPLIES = (
     "Amazon Linux 2 EKS AMIs (/etc/eks/bootstrap.sh; EKS publishes AL2 AMIs up to "
     "Kubernetes 1.32). bootstrap.sh builds "
-    "<account>.dkr.ecr.<node region>.<domain>/eks/pause:<version> "
+    "<account>.dkr.ecr.<region>.<domain>/eks/pause:<version> for the node's region "
     "(awslabs/amazon-eks-ami templates/al2/runtime/bootstrap.sh, get-ecr-uri.sh)."
 )
 
