@@ -50,6 +50,7 @@ class ScanOptions:
     output: str = "table"
     region: str | None = None
     policy_file: str | None = None
+    page_size: int = 500  # list calls are paged (limit/continue) for large clusters
 
 
 def run(opts: ScanOptions, out: IO[str]) -> int:
@@ -71,13 +72,14 @@ def scan(opts: ScanOptions) -> diagnose.Report:
         ns = None if opts.all_namespaces else (opts.namespace or default_ns)
         where = "all namespaces" if ns is None else f"namespace {ns}"
         notes: list[str] = []
-        pods = _list(core, "pod", ns, where)  # first: a cluster we cannot reach fails here
+        pages = opts.page_size
+        pods = _list(core, "pod", ns, where, pages)  # first: an unreachable cluster fails here
         policy = _policy(core, opts.policy_file, notes)
         region = opts.region or policy.region
         events = [
             e
             for reason in EVENT_REASONS
-            for e in _list(core, "event", ns, where, field_selector=f"reason={reason}")
+            for e in _list(core, "event", ns, where, pages, field_selector=f"reason={reason}")
         ]
         nodes = _nodes(core, notes)
     by_key = {(p["metadata"].get("namespace", ""), p["metadata"].get("name", "")): p for p in pods}
@@ -141,12 +143,17 @@ def _json(response: Any) -> dict[str, Any]:
 
 
 def _list(
-    core: Any, kind: str, ns: str | None, where: str, field_selector: str | None = None
+    core: Any,
+    kind: str,
+    ns: str | None,
+    where: str,
+    page_size: int,
+    field_selector: str | None = None,
 ) -> list[dict[str, Any]]:
     from kubernetes.client.exceptions import ApiException
     from urllib3.exceptions import HTTPError
 
-    kwargs: dict[str, Any] = {"_preload_content": False}
+    kwargs: dict[str, Any] = {"_preload_content": False, "limit": page_size}
     if field_selector:
         kwargs["field_selector"] = field_selector
     items: list[dict[str, Any]] = []

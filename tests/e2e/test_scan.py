@@ -28,6 +28,7 @@ from kubernetes import client, config
 
 from tests.e2e.controlplane import Binaries, ControlPlane
 from webhook.cli import main
+from webhook.scan import ScanOptions, scan
 
 pytestmark = pytest.mark.e2e
 
@@ -376,6 +377,18 @@ def test_every_class_is_found_and_explained(
     assert "400 Bad Request" in uc["message"] and uc["sandbox"] is True
     # The docker.io sandbox failure is not on ECR: counted, not reported.
     assert report["ignoredNonEcr"] == 1
+
+
+def test_paged_lists_give_the_same_report(
+    cluster: tuple[ControlPlane, dict[str, Any], str],
+) -> None:
+    """Pods and Events are listed in pages (limit/continue); pages of 3 objects
+    must give the same findings as one page."""
+    cp, _, _ = cluster
+    whole = scan(ScanOptions(kubeconfig=str(cp.kubeconfig), all_namespaces=True))
+    paged = scan(ScanOptions(kubeconfig=str(cp.kubeconfig), all_namespaces=True, page_size=3))
+    assert paged.scanned_pods == whole.scanned_pods == 14
+    assert paged.to_json()["findings"] == whole.to_json()["findings"]
 
 
 def test_table_output_names_each_fix(cluster: tuple[ControlPlane, dict[str, Any], str]) -> None:
