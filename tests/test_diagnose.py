@@ -73,6 +73,8 @@ def test_node_region_and_os() -> None:
     br = NodeFacts("n", os_image="Bottlerocket OS 1.20.5 (aws-k8s-1.29)")
     assert br.node_os == "bottlerocket" and br.bottlerocket_version == (1, 20, 5)
     assert NodeFacts("n", os_image="Amazon Linux 2023.6.20250115").node_os == "al2023"
+    on_containerd_2 = NodeFacts("n", os_image="Amazon Linux 2023.7", runtime="containerd://2.1.4")
+    assert on_containerd_2.node_os == "containerd"
     assert NodeFacts("n", os_image="Amazon Linux 2").node_os == "al2"
     assert NodeFacts("n", os_image="Ubuntu 22.04.4 LTS").node_os == "containerd"
 

@@ -104,7 +104,9 @@ class NodeFacts:
         if "bottlerocket" in img:
             return "bottlerocket"
         if "amazon linux 2023" in img:
-            return "al2023"
+            # The NodeConfig of node-config carries the containerd 1.x form; a node
+            # on containerd 2.x needs the 2.x (pinned_images) form of --os containerd.
+            return "containerd" if self.runtime.startswith("containerd://2.") else "al2023"
         if "amazon linux 2" in img:
             return "al2"
         return "containerd"
