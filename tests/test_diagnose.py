@@ -230,3 +230,20 @@ def test_empty_report() -> None:
     assert report.findings == ()
     assert report.to_json()["findings"] == []
     assert "No image-pull failures" in diagnose.render_table(report)
+
+
+def test_one_image_on_two_node_oses_gives_one_finding_per_fix() -> None:
+    """The same pause image failing on Bottlerocket and on AL2023 nodes: the fixes
+    differ (host-ctr re-pull and pinning vs the EKS AMI's sandbox-image unit)."""
+    nodes = {
+        "br": NodeFacts("br", "eu-central-1", "Bottlerocket OS 1.20.0 (aws-k8s-1.29)"),
+        "al": NodeFacts("al", "eu-central-1", "Amazon Linux 2023.6.20241212"),
+    }
+    obs = [_sandbox_obs(0, "br"), _sandbox_obs(1, "br"), _sandbox_obs(2, "al")]
+    findings = diagnose.build_report(obs, {}, nodes, Policy()).findings
+    assert sorted((tuple(f.nodes.items()), len(f.pods)) for f in findings) == [
+        ((("al", 1),), 1),
+        ((("br", 2),), 2),
+    ]
+    fixes = {next(iter(f.nodes)): " ".join(f.fix) for f in findings}
+    assert "host-ctr" in fixes["br"] and "sandbox-image" in fixes["al"]

@@ -332,10 +332,9 @@ def _rollout(meta: Mapping[str, Any], namespace: str) -> str | None:
         # A Deployment's ReplicaSet is named <deployment>-<pod-template-hash>.
         labels = meta.get("labels") or {}
         h = str(labels.get("pod-template-hash", "")) if isinstance(labels, Mapping) else ""
-        if h and name.endswith("-" + h):
-            kind, name = "Deployment", name[: -len(h) - 1]
-        else:
-            return f"kubectl -n {namespace} delete pod -l <the ReplicaSet's selector>"
+        if not (h and name.endswith("-" + h)):
+            return None
+        kind, name = "Deployment", name[: -len(h) - 1]
     if kind not in ("Deployment", "DaemonSet", "StatefulSet"):
         return None
     return f"kubectl -n {namespace} rollout restart {kind.lower()}/{name}"
@@ -368,6 +367,9 @@ def _webhook_verdict(
     return "the image is in no container of the pod spec", None
 
 
+Pull = tuple[Observation, Diagnosis, str | None]  # an observation, its diagnosis, node region
+
+
 def build_report(
     observations: Iterable[Observation],
     pods: Mapping[tuple[str, str], Mapping[str, Any]],
@@ -379,7 +381,8 @@ def build_report(
     scanned_pods: int = 0,
     notes: Sequence[str] = (),
 ) -> Report:
-    """Classify and group observations into findings, one per (class, image, sandbox).
+    """Classify and group observations into findings, one per class and image
+    (and nodes' region; for a sandbox image, their OS).
 
     ``region`` is the cluster region to fall back on for nodes whose region is
     unknown.  Images not on ECR are counted, not reported.
@@ -388,7 +391,7 @@ def build_report(
     # Several observations tell of one failed pull (the container status, the
     # kubelet's Failed events, the sandbox event): keep, per pod and image, the
     # first one that classifies, else the longest text.
-    per_pull: dict[tuple[str, str, str, bool], tuple[Observation, Diagnosis, str | None]] = {}
+    per_pull: dict[tuple[str, str, str, bool], Pull] = {}
     ignored: set[tuple[str, str, str, bool]] = set()
     for obs in observations:
         key = (obs.namespace, obs.pod, obs.image, obs.sandbox)
@@ -408,13 +411,17 @@ def build_report(
             )
         ):
             per_pull[key] = (obs, diag, node_region)
-    groups: dict[tuple[FailureClass, str, bool], list[tuple[Observation, Diagnosis, str | None]]]
-    groups = {}
+    # One finding per class and image; split further by the nodes' region (and,
+    # for the sandbox image, their OS) because the fix depends on them.
+    groups: dict[tuple[FailureClass, str, bool, str, str], list[Pull]] = {}
     for obs, diag, node_region in per_pull.values():
-        groups.setdefault((diag.cls, obs.image, obs.sandbox), []).append((obs, diag, node_region))
+        node = nodes.get(obs.node or "")
+        os_name = node.node_os if node and obs.sandbox else ""
+        group = (diag.cls, obs.image, obs.sandbox, node_region or "", os_name)
+        groups.setdefault(group, []).append((obs, diag, node_region))
     contexts: dict[str | None, PlanContext] = {}
     findings = []
-    for (cls, image, sandbox), members in sorted(groups.items(), key=lambda kv: kv[0]):
+    for (cls, image, sandbox, _, _), members in sorted(groups.items(), key=lambda kv: kv[0]):
         obs, diag, node_region = members[0]
         node = nodes.get(obs.node or "")
         ctx = contexts.get(node_region)
