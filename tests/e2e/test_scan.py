@@ -464,3 +464,40 @@ def test_unreachable_apiserver_is_one_line(
     err = capsys.readouterr().err
     assert code == 1
     assert err.startswith("error: listing pods in namespace default:") and "Traceback" not in err
+
+
+def test_300_pods_on_one_pause_image_are_one_finding(
+    cluster: tuple[ControlPlane, dict[str, Any], str],
+) -> None:
+    """awslabs/amazon-eks-ami#1597 at fleet scale: 300 pods on three AL2023 nodes in
+    eu-west-2 fail on the garbage-collected pause image; the scan (in pages of
+    50) reports one finding naming the three nodes.  Cleans up after itself so
+    the other tests of the module see their cluster unchanged."""
+    cp, _, _ = cluster
+    text = FIXTURES["eks-ami-1597-eu-west-2-pause-401"]["message"]
+    image = FIXTURES["eks-ami-1597-eu-west-2-pause-401"]["image"]
+    fleet = "fleet"
+    names = [f"ip-10-9-{k}-1.eu-west-2.compute.internal" for k in range(3)]
+    api = config.new_client_from_config(config_file=str(cp.kubeconfig))  # type: ignore[no-untyped-call]
+    with api:
+        core = client.CoreV1Api(api)
+        core.create_namespace({"metadata": {"name": fleet}}, _preload_content=False)
+        try:
+            for n in names:
+                _node(core, n, "eu-west-2", "Amazon Linux 2023.6.20241212")
+            for i in range(300):
+                pod = _pod(core, fleet, f"job-{i}", names[i % 3], {"job": "busybox:1.37"})
+                _event(core, pod, "FailedCreatePodSandBox", text, count=3)
+            report = scan(
+                ScanOptions(kubeconfig=str(cp.kubeconfig), namespace=fleet, page_size=50)
+            ).to_json()
+        finally:
+            core.delete_collection_namespaced_pod(fleet, grace_period_seconds=0)
+            core.delete_collection_namespaced_event(fleet)
+            for n in names:
+                core.delete_node(n)
+    assert report["scannedPods"] == 300
+    (f,) = report["findings"]
+    assert f["class"] == "sandbox-no-credentials" and f["image"] == image
+    assert f["podCount"] == 300 and f["nodes"] == dict.fromkeys(names, 100)
+    assert any("sandbox-image" in x for x in f["fix"])
