@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import click
 
@@ -20,6 +21,7 @@ from webhook.core.errors import EcrWebhookError
 
 OUTPUTS = ("diff", "patch", "yaml", "json")
 PORT = click.IntRange(1, 65535)
+NODE_OSES = ("bottlerocket", "al2", "al2023", "containerd")
 DAYS = click.IntRange(1, 3650)  # at most ten years: a certificate is meant to rotate
 
 
@@ -181,6 +183,41 @@ def certs_bootstrap(
             )
         )
     )
+
+
+@cli.command("node-config")
+@click.option("--os", "os_name", required=True, type=click.Choice(NODE_OSES))
+@click.option("--region", required=True, help="The nodes' AWS region.")
+@click.option("--pause-tag", help="eks/pause tag (default: what the OS images ship).")
+@click.option("--mirror", help="REGISTRY[/PREFIX] holding eks/pause, instead of the EKS registry.")
+@click.option("-o", "--output", type=click.Choice(("text", "json")), default="text")
+def node_config(
+    os_name: str, region: str, pause_tag: str | None, mirror: str | None, output: str
+) -> None:
+    """Print the node setting that points the sandbox (pause) image at a reachable registry."""
+    import json
+
+    from webhook.core.nodeconfig import render
+
+    cfg = render(os_name, region, pause_tag=pause_tag, mirror=mirror)
+    click.echo(json.dumps(cfg.to_json(), indent=2) if output == "json" else cfg.to_text())
+
+
+@cli.command()
+@click.option("--kubeconfig", help="Kubeconfig (default: $KUBECONFIG, ~/.kube/config, in-cluster).")
+@click.option("--context", help="Kubeconfig context.")
+@click.option("-n", "--namespace", help="Namespace (default: the context's).")
+@click.option("-A", "--all-namespaces", is_flag=True)
+@click.option("-o", "--output", type=click.Choice(("table", "json")), default="table")
+@click.option("--region", help="Region for nodes whose region is unknown (default: policy).")
+@click.option("--policy", "policy_file", help="Policy YAML (default: the webhook's ConfigMap).")
+def scan(**kwargs: Any) -> None:
+    """Explain image-pull failures of ECR images in a cluster and name their fixes."""
+    from webhook.scan import ScanOptions, run
+
+    if kwargs["namespace"] and kwargs["all_namespaces"]:
+        raise click.UsageError("--namespace and --all-namespaces exclude each other")
+    sys.exit(run(ScanOptions(**kwargs), sys.stdout))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
