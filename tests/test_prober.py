@@ -405,3 +405,66 @@ def test_registry_endpoint_errors(value: str) -> None:
 
 def test_registry_endpoint_form() -> None:
     assert parse_endpoints([f"{US}=https://127.0.0.1:5000/"]) == {US: "https://127.0.0.1:5000"}
+
+
+# --------------------------------------------------------------------- the server
+
+
+@pytest.mark.slow
+def test_serve_with_probe_seed_case_patch_audit_and_metrics(aws: str, tmp_path: Path) -> None:
+    """``serve --probe``: the seed case through gunicorn over TLS, one worker."""
+    import json
+    import os
+
+    from tests.serving import (
+        ServerProcess,
+        apiserver_tls_context,
+        decode_patch,
+        ecr_webhook,
+        post_review,
+    )
+    from tests.test_server import metrics, sample
+    from webhook import certs
+
+    eu = StandInRegistry(tmp_path / "eu", basic="bm9wZQ==", default=200)
+    us = StandInRegistry(tmp_path / "us", basic=MOTO_TOKEN, default=200)
+    paths = certs.write_bundle(certs.build_certificate(["localhost"], ["127.0.0.1"]), tmp_path)
+    port, mport = free_port(), free_port()
+    audit = tmp_path / "audit.jsonl"
+    argv = [*ecr_webhook(), "serve", "--host", "127.0.0.1", "--port", str(port),
+            "--metrics-port", str(mport), "--cert-file", str(paths["tls.crt"]),
+            "--key-file", str(paths["tls.key"]), "--region", "eu-central-1",
+            "--audit-log", str(audit), "--workers", "1", "--probe",
+            "--fallback-region", "us-west-2", "--registry-endpoint", f"{EU}={eu.url}",
+            "--registry-endpoint", f"{US}={us.url}", "--registry-ca", _both_cas(tmp_path, eu, us),
+            "--probe-timeout", "2"]  # fmt: skip
+    server = ServerProcess(argv, env=os.environ, stderr=tmp_path / "err.log")
+    ctx = apiserver_tls_context(paths["ca.crt"])
+    try:
+        server.wait_ready(port, ctx)
+        answers = [post_review(port, ctx, admission_review(_pod(f"{EU}/{CNI}"), uid=f"u{i}"))
+                   for i in range(3)]  # fmt: skip
+        for status, body in answers:
+            assert status == 200
+            ops = decode_patch(body["response"])
+            assert {"op": "replace", "path": "/spec/containers/0/image",
+                    "value": f"{US}/{CNI}"} in ops  # fmt: skip
+        records = [json.loads(line) for line in audit.read_text().splitlines()]
+        (c,) = records[0]["containers"]
+        assert (c["reason"], c["to"], c["rule"]) == ("unauthorized", f"{US}/{CNI}",
+                                                     "fallbackRegions[0]")  # fmt: skip
+        assert [(p["candidate"], p["outcome"]) for p in c["probes"]] == [
+            (f"{EU}/{CNI}", "unauthorized"), (f"{US}/{CNI}", "available")]
+        # Later admissions are answered from the cache.
+        assert [p["cached"] for p in records[-1]["containers"][0]["probes"]] == [True, True]
+        assert len(us.heads) == 1
+        scrape = metrics(mport)
+        assert sample(scrape, "ecr_webhook_probes_total", registry=US, outcome="available") == 1
+        assert sample(scrape, "ecr_webhook_probes_total", registry="other",
+                      outcome="unauthorized") == 0  # fmt: skip
+        assert sample(scrape, "ecr_webhook_probe_cache_lookups_total", result="hit") >= 4
+        assert sample(scrape, "ecr_webhook_registry_token_refreshes_total", result="success") >= 1
+    finally:
+        server.stop()
+        eu.close()
+        us.close()
