@@ -123,6 +123,7 @@ def test_refused_is_unreachable(tmp_path: Path) -> None:
     finally:
         p.close()
     assert got[f"{MIRROR}/eks/{CNI}"].outcome is Outcome.UNREACHABLE
+    assert got[f"{MIRROR}/eks/{CNI}"].detail == "Connection refused"
 
 
 def test_untrusted_tls_is_unreachable_and_registry_ca_fixes_it(tmp_path: Path) -> None:
@@ -468,3 +469,69 @@ def test_serve_with_probe_seed_case_patch_audit_and_metrics(aws: str, tmp_path: 
         server.stop()
         eu.close()
         us.close()
+
+
+# --------------------------------------------------------------------- the commands
+
+
+def _run_cli(args: list[str], env: dict[str, str]) -> Any:
+    import subprocess
+
+    from tests.serving import ecr_webhook
+
+    return subprocess.run([*ecr_webhook(), *args], env=env, capture_output=True, text=True,
+                          timeout=60, check=False)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_dry_run_and_probe_commands_seed_case(moto: str, tmp_path: Path) -> None:
+    import json
+
+    eu = StandInRegistry(tmp_path / "eu", basic="bm9wZQ==", default=200)
+    us = StandInRegistry(tmp_path / "us", basic=MOTO_TOKEN,
+                         statuses={("amazon-k8s-cni", "v1.19.4"): 200})  # fmt: skip
+    flags = ["--region", "eu-central-1", "--fallback-region", "us-west-2",
+             "--registry-endpoint", f"{EU}={eu.url}", "--registry-endpoint", f"{US}={us.url}",
+             "--registry-ca", _both_cas(tmp_path, eu, us)]  # fmt: skip
+    pod = tmp_path / "pod.json"
+    pod.write_text(json.dumps(_pod(f"{EU}/{CNI}")))
+    try:
+        r = _run_cli(["dry-run", "--probe", *flags, "-f", str(pod), "-o", "json"], aws_env(moto))
+        assert r.returncode == 0, r.stderr
+        (obj,) = json.loads(r.stdout)["objects"]
+        (rw,) = obj["rewrites"]
+        assert (rw["to"], rw["reason"]) == (f"{US}/{CNI}", "unauthorized")
+        assert [p["outcome"] for p in rw["probes"]] == ["unauthorized", "available"]
+        (d,) = obj["decisions"]
+        assert (d["action"], d["rule"]) == ("rewrite", "fallbackRegions[0]")
+
+        r = _run_cli(["probe", f"{EU}/{CNI}", *flags], aws_env(moto))
+        assert r.returncode == 0, r.stderr
+        assert f"pick: {US}/{CNI} (rewrite: unauthorized, fallbackRegions[0]" in r.stdout
+        r = _run_cli(["probe", f"{EU}/amazon-k8s-cni:v0", *flags, "-o", "json"], aws_env(moto))
+        assert r.returncode == 1, r.stderr
+        doc = json.loads(r.stdout)
+        assert doc["pick"] is None and doc["decision"]["reason"] == "no-target"
+        assert [c["outcome"] for c in doc["candidates"]] == ["unauthorized", "not-found"]
+        # Without --probe dry-run asks no registry.
+        heads = len(us.heads)
+        r = _run_cli(["dry-run", *flags, "-f", str(pod), "-o", "json"], aws_env(moto))
+        assert json.loads(r.stdout)["objects"][0]["rewrites"] == []
+        assert len(us.heads) == heads
+    finally:
+        eu.close()
+        us.close()
+
+
+@pytest.mark.parametrize(("flag", "needle"), [
+    (["--registry-endpoint", "nope"], "--registry-endpoint"),
+    (["--registry-ca", "/nonexistent/ca.pem"], "--registry-ca"),
+    (["--probe-timeout", "30"], "--probe-timeout"),
+    (["--fallback-region", "atlantis-1"], "--fallback-region"),
+])  # fmt: skip
+def test_probe_flag_errors_are_one_line(tmp_path: Path, flag: list[str], needle: str) -> None:
+    pod = tmp_path / "pod.json"
+    pod.write_text("{}")
+    r = _run_cli(["dry-run", "--probe", *flag, "-f", str(pod)], dict(__import__("os").environ))
+    assert r.returncode == 2
+    assert needle in r.stderr and "Traceback" not in r.stderr

@@ -146,6 +146,22 @@ def serve(
     sys.exit(run(config))
 
 
+@cli.command("probe")
+@click.argument("image")
+@click.option("--region", help="Cluster region (default: policy, then AWS_REGION).")
+@click.option("--policy", "policy_file", type=click.Path(dir_okay=False), help="Policy YAML file.")
+@click.option("-o", "--output", type=click.Choice(("text", "json")), default="text",
+              show_default=True)  # fmt: skip
+@probe_options
+def probe_cmd(image: str, region: str | None, policy_file: str | None, output: str,
+              probe: bool, **kw: Any) -> None:  # fmt: skip
+    """Probe IMAGE and each candidate: what each answered, how fast, and the pick."""
+    from webhook import prober
+
+    sys.exit(prober.doctor(image, region, policy_file, _probe_opts(True, kw), os.environ,
+                           output, sys.stdout))  # fmt: skip
+
+
 @cli.group()
 def certs() -> None:
     """Serving certificates for the webhook."""

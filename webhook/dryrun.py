@@ -373,6 +373,8 @@ def run(
     pol = load_policy_file(policy_file)
     if probe is not None:
         pol = probe.apply(pol)
+        if probe.enabled or probe.endpoints or probe.ca_file or probe.timeout is not None:
+            probe.check()  # bad flags fail before anything is read
     region = policy_mod.resolve_region(region_flag, pol, env)
     if region is None:
         err.write("warning: no cluster region (--region, policy region, AWS_REGION); "

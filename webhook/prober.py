@@ -56,6 +56,7 @@ import binascii
 import concurrent.futures as cf
 import contextlib
 import datetime as dt
+import json
 import re
 import ssl
 import threading
@@ -63,7 +64,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 from urllib.parse import urlencode, urlsplit
 
 import urllib3
@@ -407,6 +408,9 @@ class Prober:
                 "HEAD", url, headers=dict(headers), redirect=False, retries=False,
                 timeout=urllib3.Timeout(connect=left, read=left),
             )  # fmt: skip
+        except urllib3.exceptions.NewConnectionError as exc:
+            # Before TimeoutError: urllib3 2 makes it a subclass of ConnectTimeoutError.
+            raise _Failed(Outcome.UNREACHABLE, _short(exc)) from None
         except urllib3.exceptions.TimeoutError:
             raise _Failed(Outcome.UNREACHABLE, "timed out") from None
         except urllib3.exceptions.SSLError as exc:
@@ -463,6 +467,8 @@ class Prober:
                 "GET", f"{realm}?{query}" if query else realm, retries=False, redirect=False,
                 timeout=urllib3.Timeout(connect=left, read=left),
             )  # fmt: skip
+        except urllib3.exceptions.NewConnectionError as exc:
+            raise _Failed(Outcome.UNREACHABLE, f"token: {_short(exc)}") from None
         except urllib3.exceptions.TimeoutError:
             raise _Failed(Outcome.UNREACHABLE, "token: timed out") from None
         except (urllib3.exceptions.HTTPError, OSError) as exc:
@@ -702,3 +708,82 @@ class ProbingAdmit:
                 if self.on_error is not None:
                     self.on_error(exc)
         return review.admit(body, ctx)
+
+
+# --------------------------------------------------------------------------- doctor
+
+
+def doctor(
+    image: str,
+    region_flag: str | None,
+    policy_file: str | None,
+    options: ProbeOptions,
+    env: Mapping[str, str],
+    output: str,
+    out: IO[str],
+) -> int:
+    """``ecr-webhook probe IMAGE``: each candidate, its answer and latency, and the pick.
+
+    Exit status 0 when the webhook would keep or rewrite the image, 1 when it
+    would keep it with a warning (no candidate available), 2 on bad input.
+    """
+    from webhook.core.errors import InputError
+    from webhook.core.imageref import parse as parse_ref
+    from webhook.core.plan import Action, candidates_of, plan_pod
+    from webhook.core.plan import probe_requests as pod_requests
+    from webhook.core.policy import resolve_region
+    from webhook.dryrun import load_policy_file
+
+    try:
+        ref = parse_ref(image)
+    except Exception as exc:
+        raise InputError(f"IMAGE {image!r}: {exc}") from None
+    policy = options.apply(load_policy_file(policy_file))
+    region = resolve_region(region_flag, policy, env)
+    ctx = PlanContext.build(policy, region)
+    spec = {"containers": [{"name": "probe", "image": image}]}
+    refs = {str(r): r for r in (ref, *pod_requests({}, spec, None, ctx))}
+    prober = Prober(options.settings(policy))
+    try:
+        prober.label_hosts = frozenset(m.registry.lower() for m in policy.mirrors)
+        prober.prepare(refs.values())
+        evidence = prober.probe_all(list(refs.values()))
+    finally:
+        prober.close()
+    ctx = ctx.with_evidence(evidence)
+    (d,) = plan_pod({}, spec, None, ctx).decisions
+    rows = [(str(ref), "original", evidence.get(str(ref)))]
+    rows += [(str(c), rule, evidence.get(str(c))) for c, rule in candidates_of(image, ctx)]
+    pick = d.target if d.action is Action.REWRITE else (image if d.action is Action.KEEP else None)
+    if output == "json":
+        doc = {
+            "schemaVersion": "v1", "image": image, "region": region,
+            "candidates": [
+                {"candidate": c, "rule": rule,
+                 **({"outcome": None, "latencyMs": None, "cached": False} if p is None
+                    else p.as_json()), "detail": p.detail if p else "not probed"}
+                for c, rule, p in rows
+            ],
+            "decision": {"action": str(d.action), "to": d.target, "reason": str(d.reason),
+                         "rule": d.rule, "detail": d.detail},
+            "pick": pick,
+        }  # fmt: skip
+        out.write(json.dumps(doc, separators=(",", ":")) + "\n")
+    else:
+        width = max(len(c) for c, _, _ in rows)
+        out.write(f"{'CANDIDATE':<{width}}  {'RULE':<19} {'OUTCOME':<13} {'LATENCY':>9}  "
+                  "CACHED  DETAIL\n")  # fmt: skip
+        for c, rule, p in rows:
+            if p is None:
+                out.write(f"{c:<{width}}  {rule:<19} {'-':<13} {'-':>9}  -       not probed\n")
+                continue
+            out.write(f"{c:<{width}}  {rule:<19} {p.outcome!s:<13} {p.latency_ms:>6.0f} ms  "
+                      f"{'yes' if p.cached else 'no':<6}  {p.detail}\n")  # fmt: skip
+        out.write(f"region: {region or '(none)'}\n")
+        if d.action is Action.REWRITE:
+            out.write(f"pick: {d.target} (rewrite: {d.reason}, {d.rule}; {d.detail})\n")
+        elif d.action is Action.KEEP:
+            out.write(f"pick: {image} (kept: {d.reason}; {d.detail})\n")
+        else:
+            out.write(f"pick: none, the image is kept with a warning ({d.reason}: {d.detail})\n")
+    return 1 if d.action is Action.WARN else 0

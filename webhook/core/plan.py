@@ -419,6 +419,30 @@ def _evidence(
     return tuple(out)
 
 
+def candidates_of(image: str, ctx: PlanContext) -> tuple[tuple[ImageRef, str], ...]:
+    """The rewrite candidates of ``image`` with the policy entry of each, in order.
+
+    For ``ecr-webhook probe``; empty for an invalid or unmanaged reference.
+    """
+    try:
+        ref = parse(image)
+    except InvalidReferenceError:
+        return ()
+    policy = ctx.policy
+    mirror = next((m for m in policy.mirrors if m.holds(ref.host, ref.path)), None)
+    upstream = mirror.strip(ref.path) if mirror else ref.path
+    targets = policy.candidates
+    if policy.prefer_cluster_region and RegionTarget() not in targets:
+        targets = (*targets, RegionTarget())
+    out: dict[str, tuple[ImageRef, str]] = {}
+    for t in targets:
+        cand = _candidate(ref, upstream, t, ctx)
+        if cand is not None and cand.name != ref.name:
+            rule = "preferClusterRegion" if t not in policy.candidates else policy.rule_of(t)
+            out.setdefault(cand.name, (cand, rule))
+    return tuple(out.values())
+
+
 def probe_requests(
     meta: Mapping[str, Any] | None,
     spec: Mapping[str, Any] | None,
