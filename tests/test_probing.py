@@ -241,3 +241,21 @@ def test_policy_probe_key_errors_name_the_field(doc: dict[str, Any], field: str)
     with pytest.raises(PolicyError) as info:
         policy_from_mapping(doc)
     assert info.value.field == field
+
+
+def test_same_context_follows_changing_evidence() -> None:
+    """Decisions are memoised on what the evidence says, never across different answers."""
+    ctx = ctx_for("eu-central-1", {"fallbackRegions": ["us-west-2"]})
+    spec = {"containers": [{"name": "c", "image": f"{EU}/{CNI}"}]}
+    seq = [
+        ({f"{EU}/{CNI}": Outcome.UNAUTHORIZED, f"{US}/{CNI}": Outcome.AVAILABLE}, Action.REWRITE),
+        ({f"{EU}/{CNI}": Outcome.AVAILABLE, f"{US}/{CNI}": Outcome.AVAILABLE}, Action.KEEP),
+        ({f"{EU}/{CNI}": Outcome.UNAUTHORIZED, f"{US}/{CNI}": Outcome.NOT_FOUND}, Action.WARN),
+        ({f"{EU}/{CNI}": Outcome.UNAUTHORIZED, f"{US}/{CNI}": Outcome.AVAILABLE}, Action.REWRITE),
+    ]
+    for answers, action in seq:
+        probes = {k: Probe(k, v, 1.0, cached=True) for k, v in answers.items()}
+        (d,) = plan_pod({}, spec, "x", ctx.with_evidence(probes)).decisions
+        assert d.action is action
+        assert [p.outcome for p in d.probes] == list(answers.values())
+        assert all(p.cached for p in d.probes)

@@ -300,9 +300,18 @@ class Prober:
                 self._token(region, self.clock() + self.settings.budget * PROBE_SHARE)
 
     def warm(self, regions: Iterable[str]) -> None:
-        """Create the ECR clients of ``regions`` in the background (server start)."""
+        """Create the ECR clients of ``regions`` and get their tokens, in the background.
+
+        At server start, so the first admissions do not wait on boto3's start-up
+        or a token call; a failure is left for the probes to meet and classify.
+        """
         for region in set(regions):
-            self._pool.submit(self._client, region)
+            self._pool.submit(self._warm, region)
+
+    def _warm(self, region: str) -> None:
+        with contextlib.suppress(Exception):
+            self._client(region)
+            self._token(region, self.clock() + self.settings.budget * PROBE_SHARE)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -371,9 +380,14 @@ class Prober:
 
     def probe_now(self, ref: ImageRef, limit: float) -> Probe:
         """Probe ``ref`` now, uncached, giving up after ``limit`` seconds."""
+        h = ecr.parse_host(ref.host)
+        if h is not None:
+            # boto3's client start-up (hundreds of ms, once per region and
+            # process) is ours, not the registry's: the limit starts after it.
+            with contextlib.suppress(Exception):
+                self._client(h.region)
         started = time.perf_counter()
         deadline = self.clock() + limit
-        h = ecr.parse_host(ref.host)
         try:
             status = self._ask_ecr(ref, h.region, deadline) if h else self._ask(ref, deadline)
             outcome, detail = classify_status(status), f"HTTP {status}"

@@ -171,6 +171,13 @@ class PlanContext:
     # image -> judgement, used only when the oracle is static (its answers never
     # change); bounded so a long-running server cannot grow it without limit.
     memo: dict[str, Decision] = field(default_factory=dict, compare=False, repr=False)
+    # With probe evidence: image -> what to probe and which evidence to read
+    # (static per policy), and (image, evidence fingerprint) -> judgement.
+    # Shared by every ``with_evidence`` copy of this context; bounded likewise.
+    facts_memo: dict[str, ImageFacts | None] = field(default_factory=dict, compare=False,
+                                                      repr=False)  # fmt: skip
+    evidence_memo: dict[tuple[str, tuple[object, ...]], Decision] = field(
+        default_factory=dict, compare=False, repr=False)  # fmt: skip
 
     @classmethod
     def build(
@@ -192,7 +199,8 @@ class PlanContext:
         """
         base = self.oracle.base if isinstance(self.oracle, EvidenceOracle) else self.oracle
         oracle = EvidenceOracle(base, evidence, self.policy, self.cluster.region, self.facts)
-        return PlanContext(self.policy, self.cluster, oracle, self.facts)
+        return PlanContext(self.policy, self.cluster, oracle, self.facts, self.memo,
+                           self.facts_memo, self.evidence_memo)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,7 +325,10 @@ def _decide(
         d = Decision(name, path, image, Action.KEEP, Reason.SKIP_ANNOTATION, None,
                      ctx.policy.skip_annotation, "skipped by annotation")  # fmt: skip
         return d
-    if not getattr(ctx.oracle, "static", False):
+    oracle = ctx.oracle
+    if isinstance(oracle, EvidenceOracle):
+        return _decide_with_evidence(name, path, image, ctx, oracle)
+    if not getattr(oracle, "static", False):
         return _judge(name, path, image, ctx)
     judged = ctx.memo.get(image)
     if judged is None:
@@ -329,6 +340,92 @@ def _decide(
     # costs several times a direct construction.
     j = judged
     return Decision(name, path, j.image, j.action, j.reason, j.target, j.rule, j.detail)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageFacts:
+    """What probing needs to know about one managed image; depends on the policy only.
+
+    ``requests``: the references to probe (the original unless static facts
+    rule it out, each candidate, the upstream of each pull-through cache).
+    ``consulted``: the original and the candidates, in policy order, whose
+    evidence a decision shows.  ``keys``: ``str`` of every reference whose
+    answer can change the decision (the memo fingerprint).
+    """
+
+    requests: tuple[ImageRef, ...]
+    consulted: tuple[ImageRef, ...]
+    keys: tuple[str, ...]
+
+
+def image_facts(image: str, ctx: PlanContext) -> ImageFacts | None:
+    """``ImageFacts`` of ``image`` (memoised), or None when it is invalid or not managed."""
+    if image in ctx.facts_memo:
+        return ctx.facts_memo[image]
+    facts = _image_facts(image, ctx)
+    if len(ctx.facts_memo) >= MEMO_MAX:
+        ctx.facts_memo.clear()
+    ctx.facts_memo[image] = facts
+    return facts
+
+
+def _image_facts(image: str, ctx: PlanContext) -> ImageFacts | None:
+    try:
+        ref = parse(image)
+    except InvalidReferenceError:
+        return None
+    policy = ctx.policy
+    mirror = next((m for m in policy.mirrors if m.holds(ref.host, ref.path)), None)
+    upstream = mirror.strip(ref.path) if mirror else ref.path
+    if not policy.manages(upstream) or not (mirror or ecr.looks_like_ecr(ref.host)):
+        return None
+    base = ctx.oracle.base if isinstance(ctx.oracle, EvidenceOracle) else ctx.oracle
+    requests: dict[str, ImageRef] = {}
+    consulted: dict[str, ImageRef] = {ref.name: ref}
+
+    def add(r: ImageRef) -> None:
+        requests.setdefault(str(r), r)
+        for m in policy.mirrors:
+            up = upstream_of(r, m, ctx.cluster.region, ctx.facts)
+            if up is not None:
+                requests.setdefault(str(up), up)
+
+    if base.check(ref).availability is not Availability.UNAVAILABLE:
+        add(ref)
+    for t in _probe_targets(policy):
+        cand = _candidate(ref, upstream, t, ctx)
+        if cand is not None and cand.name != ref.name:
+            add(cand)
+            consulted.setdefault(cand.name, cand)
+    keys = dict.fromkeys([*requests, *(str(r) for r in consulted.values())])
+    return ImageFacts(tuple(requests.values()), tuple(consulted.values()), tuple(keys))
+
+
+def _probe_targets(policy: Policy) -> tuple[MirrorTarget | RegionTarget, ...]:
+    targets = policy.candidates
+    if policy.prefer_cluster_region and RegionTarget() not in targets:
+        targets = (*targets, RegionTarget())
+    return targets
+
+
+def _decide_with_evidence(
+    name: str, path: str, image: str, ctx: PlanContext, oracle: EvidenceOracle
+) -> Decision:
+    """``_judge`` over evidence, memoised on what the evidence says (not when or how fast)."""
+    facts = image_facts(image, ctx)
+    if facts is None:
+        return _judge(name, path, image, ctx)
+    ev = oracle.evidence
+    fingerprint = tuple((p.outcome, p.detail) if (p := ev.get(k)) else None for k in facts.keys)
+    key = (image, fingerprint)
+    j = ctx.evidence_memo.get(key)
+    if j is None:
+        j = _judge("", "", image, ctx)
+        if len(ctx.evidence_memo) >= MEMO_MAX:
+            ctx.evidence_memo.clear()
+        ctx.evidence_memo[key] = j
+    probes = tuple(p for r in facts.consulted if (p := oracle.probe(r)) is not None)
+    return Decision(name, path, j.image, j.action, j.reason, j.target, j.rule, j.detail, probes)
 
 
 def _judge(name: str, path: str, image: str, ctx: PlanContext) -> Decision:
@@ -405,10 +502,7 @@ def _evidence(
     """The probes a decision rests on: the original's, then each candidate's, in order."""
     out = [own] if own is not None else []
     seen = {ref.name}
-    targets = ctx.policy.candidates
-    if ctx.policy.prefer_cluster_region and RegionTarget() not in targets:
-        targets = (*targets, RegionTarget())
-    for t in targets:
+    for t in _probe_targets(ctx.policy):
         cand = _candidate(ref, upstream, t, ctx)
         if cand is None or cand.name in seen:
             continue
@@ -467,19 +561,7 @@ def probe_requests(
     skip = _skip_set(meta.get("annotations"), policy.skip_annotation)
     if "*" in skip:
         return ()
-    base = ctx.oracle.base if isinstance(ctx.oracle, EvidenceOracle) else ctx.oracle
-    targets = policy.candidates
-    if policy.prefer_cluster_region and RegionTarget() not in targets:
-        targets = (*targets, RegionTarget())
     out: dict[str, ImageRef] = {}
-
-    def add(r: ImageRef) -> None:
-        out.setdefault(str(r), r)
-        for m in policy.mirrors:
-            up = upstream_of(r, m, ctx.cluster.region, ctx.facts)
-            if up is not None:
-                out.setdefault(str(up), up)
-
     for kind in kinds:
         containers = spec.get(kind)
         if not isinstance(containers, list):
@@ -488,22 +570,10 @@ def probe_requests(
             if not isinstance(c, Mapping) or str(c.get("name", "")) in skip:
                 continue
             image = c.get("image")
-            if not isinstance(image, str):
-                continue
-            try:
-                ref = parse(image)
-            except InvalidReferenceError:
-                continue
-            mirror = next((m for m in policy.mirrors if m.holds(ref.host, ref.path)), None)
-            upstream = mirror.strip(ref.path) if mirror else ref.path
-            if not policy.manages(upstream) or not (mirror or ecr.looks_like_ecr(ref.host)):
-                continue
-            if base.check(ref).availability is not Availability.UNAVAILABLE:
-                add(ref)
-            for t in targets:
-                cand = _candidate(ref, upstream, t, ctx)
-                if cand is not None and cand.name != ref.name:
-                    add(cand)
+            facts = image_facts(image, ctx) if isinstance(image, str) else None
+            if facts is not None:
+                for r in facts.requests:
+                    out.setdefault(str(r), r)
     return tuple(out.values())
 
 
