@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import click
 
@@ -27,6 +28,32 @@ DAYS = click.IntRange(1, 3650)  # at most ten years: a certificate is meant to r
 @click.version_option(__version__, prog_name="ecr-webhook")
 def cli() -> None:
     """Keep Amazon EKS system images pullable: a mutating admission webhook."""
+
+
+def probe_options(f: Any) -> Any:
+    """The probing flags of dry-run, serve and probe (issue 8; names are a contract)."""
+    for option in reversed((
+        click.option("--probe", "probe", is_flag=True,
+                     help="Probe registries for availability (ECR token + manifest HEAD)."),
+        click.option("--fallback-region", "fallback_regions", multiple=True, metavar="R",
+                     help="Also try the EKS registry of region R (repeatable; replaces the "
+                          "policy's fallbackRegions)."),
+        click.option("--registry-endpoint", "registry_endpoints", multiple=True,
+                     metavar="HOST=URL", help="Probe registry HOST at URL (repeatable)."),
+        click.option("--registry-ca", type=click.Path(dir_okay=False),
+                     help="Extra CA certificates (PEM) for registry TLS."),
+        click.option("--probe-timeout", type=float, metavar="SECONDS",
+                     help="Probe budget of one admission (default 1, or the policy's)."),
+    )):  # fmt: skip
+        f = option(f)
+    return f
+
+
+def _probe_opts(enabled: bool, kw: dict[str, Any]) -> Any:
+    from webhook.prober import ProbeOptions
+
+    return ProbeOptions(enabled, tuple(kw["fallback_regions"]), tuple(kw["registry_endpoints"]),
+                        kw["registry_ca"], kw["probe_timeout"])  # fmt: skip
 
 
 @cli.command("dry-run")
@@ -46,13 +73,16 @@ def cli() -> None:
     help="Policy YAML file (the ConfigMap content).",
 )
 @click.option("-o", "--output", type=click.Choice(OUTPUTS), default="diff", show_default=True)
+@probe_options
 def dry_run(
-    files: tuple[str, ...], region: str | None, policy_file: str | None, output: str
-) -> None:
+    files: tuple[str, ...], region: str | None, policy_file: str | None, output: str,
+    probe: bool, **kw: Any,
+) -> None:  # fmt: skip
     """Show what the webhook would rewrite in manifests, without a cluster."""
     from webhook import dryrun
 
-    code = dryrun.run(list(files), region, policy_file, output, os.environ, sys.stdout, sys.stderr)
+    code = dryrun.run(list(files), region, policy_file, output, os.environ, sys.stdout, sys.stderr,
+                      probe=_probe_opts(probe, kw))  # fmt: skip
     sys.exit(code)
 
 

@@ -13,6 +13,15 @@ The JSON report (``--output json``) is a contract; its shape::
                                 "to": IMAGE, "reason": CODE}],
                   "warnings": [...]}],
      "errors": [{"source": FILE, "index": I, "error": MESSAGE}]}
+
+With ``--probe`` (issue 8) fields are added, never changed: each rewrite gets
+``probes``, and each object gets ``decisions``, one per container looked at::
+
+    "decisions": [{"container": C, "path": JSON-POINTER, "image": IMAGE,
+                   "action": "keep"|"rewrite"|"warn", "to": IMAGE|null,
+                   "reason": CODE, "rule": RULE, "detail": TEXT,
+                   "probes": [{"candidate": IMAGE, "outcome": OUTCOME,
+                               "latencyMs": MS, "cached": BOOL}]}]
 """
 
 from __future__ import annotations
@@ -56,7 +65,28 @@ class ObjectResult:
     plan: PodPlan
     patch: list[PatchOp]
 
-    def report(self) -> dict[str, Any]:
+    def report(self, probing: bool = False) -> dict[str, Any]:
+        out = self._report()
+        if probing:
+            for entry, d in zip(out["rewrites"], self.plan.rewrites, strict=True):
+                entry["probes"] = [p.as_json() for p in d.probes]
+            out["decisions"] = [
+                {
+                    "container": d.container,
+                    "path": f"{self.spec_pointer}/{d.path}",
+                    "image": d.image,
+                    "action": str(d.action),
+                    "to": d.target,
+                    "reason": str(d.reason),
+                    "rule": d.rule,
+                    "detail": d.detail,
+                    "probes": [p.as_json() for p in d.probes],
+                }
+                for d in self.plan.decisions
+            ]
+        return out
+
+    def _report(self) -> dict[str, Any]:
         return {
             "source": self.source,
             "index": self.index,
@@ -92,6 +122,7 @@ class RunResult:
     objects: list[ObjectResult] = field(default_factory=list)
     # index into documents -> the rewritten document, for --output yaml
     rewritten: dict[int, Any] = field(default_factory=dict)
+    probing: bool = False
 
 
 def _expand(paths: Sequence[str]) -> Iterator[tuple[str, str | None]]:
@@ -263,7 +294,7 @@ def render(result: RunResult, output: str, region: str | None, out: IO[str]) -> 
         report = {
             "schemaVersion": REPORT_SCHEMA_VERSION,
             "region": region,
-            "objects": [o.report() for o in result.objects],
+            "objects": [o.report(result.probing) for o in result.objects],
             "errors": [
                 {"source": d.source, "index": d.index, "error": d.error}
                 for d in result.documents
@@ -302,6 +333,11 @@ def _render_diff(result: RunResult, out: IO[str]) -> None:
         for o in objs:
             for d in o.plan.warnings:
                 out.write(f"# warning: {doc.source}[{doc.index}] {o.kind} {o.name}: {d.message}\n")
+            if result.probing:
+                for d in o.plan.decisions:
+                    for p in d.probes:
+                        out.write(f"# probe: {d.container}: {p.candidate} {p.outcome} "
+                                  f"{p.latency_ms:.0f} ms{' (cached)' if p.cached else ''}\n")
         if n not in result.rewritten:
             continue
         changed += 1
@@ -327,10 +363,16 @@ def run(
     out: IO[str],
     err: IO[str],
     stdin: IO[str] | None = None,
+    probe: Any = None,
 ) -> int:
-    """The dry-run command.  Returns the exit code: 0, or 2 if any input was unreadable."""
+    """The dry-run command.  Returns the exit code: 0, or 2 if any input was unreadable.
+
+    ``probe`` (a ``webhook.prober.ProbeOptions``) turns availability probing on.
+    """
     inputs = list(_expand(files))  # bad paths fail before anything else is said
     pol = load_policy_file(policy_file)
+    if probe is not None:
+        pol = probe.apply(pol)
     region = policy_mod.resolve_region(region_flag, pol, env)
     if region is None:
         err.write("warning: no cluster region (--region, policy region, AWS_REGION); "
@@ -349,7 +391,14 @@ def run(
             failed = True
             continue
         docs.extend(read_documents(name, text))
+    # Only --probe makes dry-run ask registries (a policy's probe: key is for the server).
+    probing = probe is not None and probe.enabled
+    if probing:
+        from webhook import prober
+
+        ctx = prober.probe_documents(docs, ctx, probe)
     result = plan_documents(docs, ctx, rewrite=output in ("yaml", "diff"))
+    result.probing = probing
     for d in docs:
         if d.error is not None:
             err.write(f"error: {d.source}: document {d.index}: {d.error}\n")
