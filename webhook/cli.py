@@ -103,6 +103,7 @@ def dry_run(
     help="Loopback certificate in certs/, serve on 127.0.0.1, print a webhook config.",
 )
 @click.option("-v", "--verbosity", type=int, default=0, help="Log verbosity (klog-style v).")
+@probe_options
 def serve(
     host: str,
     port: int,
@@ -116,6 +117,8 @@ def serve(
     threads: int,
     dev: bool,
     verbosity: int,
+    probe: bool,
+    **kw: Any,
 ) -> None:
     """Serve /mutate over TLS with gunicorn (metrics on a plain-HTTP port)."""
     from webhook.config import ServeConfig
@@ -134,6 +137,11 @@ def serve(
         threads=threads,
         dev=dev,
         log_verbosity=verbosity,
+        probe=probe,
+        fallback_regions=tuple(kw["fallback_regions"]),
+        registry_endpoints=tuple(kw["registry_endpoints"]),
+        registry_ca=kw["registry_ca"],
+        probe_timeout=kw["probe_timeout"],
     )
     sys.exit(run(config))
 

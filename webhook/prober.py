@@ -405,7 +405,7 @@ class Prober:
         try:
             return self._http.request(
                 "HEAD", url, headers=dict(headers), redirect=False, retries=False,
-                timeout=urllib3.Timeout(connect=left, read=left), preload_content=False,
+                timeout=urllib3.Timeout(connect=left, read=left),
             )  # fmt: skip
         except urllib3.exceptions.TimeoutError:
             raise _Failed(Outcome.UNREACHABLE, "timed out") from None

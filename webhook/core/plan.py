@@ -371,7 +371,7 @@ def _judge(name: str, path: str, image: str, ctx: PlanContext) -> Decision:
         if chosen is None:
             return decided(Action.WARN, Reason.NO_TARGET, None, "",
                            none_available(own, probes[1:]))
-        why = f"{ref.host} answered {own.outcome}" + (f" ({own.detail})" if own.detail else "")
+        why = f"{ref.host}: {own.outcome}" + (f" ({own.detail})" if own.detail else "")
         return decided(Action.REWRITE, Reason(str(own.outcome)), chosen[0], chosen[1], why)
 
     at_target = mirror is not None or _at_region_target(ref, ctx)
