@@ -535,3 +535,34 @@ def test_probe_flag_errors_are_one_line(tmp_path: Path, flag: list[str], needle:
     r = _run_cli(["dry-run", "--probe", *flag, "-f", str(pod)], dict(__import__("os").environ))
     assert r.returncode == 2
     assert needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_old_token_refused_is_replaced_and_the_probe_retried(tmp_path: Path) -> None:
+    import base64
+    import datetime as dt
+
+    new = base64.b64encode(b"AWS:new-password").decode()
+    reg = StandInRegistry(tmp_path / "r", basic=new, default=200)
+    tokens = [MOTO_TOKEN, new]
+    wall = [time.time()]
+
+    class Ecr:
+        calls = 0
+
+        def get_authorization_token(self) -> Any:
+            Ecr.calls += 1
+            expires = dt.datetime.fromtimestamp(wall[0] + 12 * 3600, dt.UTC)
+            return {"authorizationData": [{"authorizationToken": tokens[Ecr.calls - 1],
+                                           "expiresAt": expires}]}  # fmt: skip
+
+    p = prober_for((US, reg), ecr_client=lambda r, t: Ecr(), wall=lambda: wall[0])
+    try:
+        first = p.probe_all([parse(f"{US}/amazon-k8s-cni:a")])
+        assert first[f"{US}/amazon-k8s-cni:a"].outcome is Outcome.UNAUTHORIZED  # fresh: no retry
+        wall[0] += 3600  # the cached token is an hour old when the registry refuses it
+        second = p.probe_all([parse(f"{US}/amazon-k8s-cni:b")])
+        assert second[f"{US}/amazon-k8s-cni:b"].outcome is Outcome.AVAILABLE
+        assert Ecr.calls == 2
+    finally:
+        p.close()
+        reg.close()

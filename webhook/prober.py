@@ -92,9 +92,11 @@ ACCEPT = ", ".join((
     "application/vnd.docker.distribution.manifest.v2+json",
 ))  # fmt: skip
 PROBE_SHARE = 0.8  # a probe's own time limit, as a share of the admission budget
+ANSWER_MARGIN = 0.03  # seconds of the budget kept for the rest of the admission
 REFRESH_AHEAD = 0.25  # refresh a used entry in the last quarter of its life
 PAST_EXPIRY_RETRY = 60.0  # seconds: ask again for a token whose expiresAt had passed
 TOKEN_LIFE_SHARE = 0.75  # refresh an ECR token at three quarters of its life
+RETRY_TOKEN_AGE = 300.0  # seconds: a refused token this old is replaced and the probe retried
 DEFAULT_CACHE_SIZE = 4096
 DEFAULT_CONCURRENCY = 16
 USER_AGENT = "ecr-webhook-prober"
@@ -187,6 +189,7 @@ class _Entry:
 class _Token:
     value: str
     refresh_at: float
+    fetched_at: float = 0.0
 
 
 def _ecr_failure(exc: BaseException) -> _Failed:
@@ -262,7 +265,9 @@ class Prober:
         budget = self.settings.budget if budget is None else budget
         ttls = (positive_ttl or self.settings.positive_ttl,
                 negative_ttl or self.settings.negative_ttl)  # fmt: skip
-        deadline = self.clock() + budget
+        # The admission's own work (planning, the answer, the audit record)
+        # must fit in the budget too: the probes get all of it but a margin.
+        deadline = self.clock() + max(budget / 2, budget - ANSWER_MARGIN)
         out: dict[str, Probe] = {}
         waiting: dict[str, cf.Future[Probe]] = {}
         for ref in refs:
@@ -437,8 +442,10 @@ class Prober:
         token, fresh = self._token(region, deadline)
         resp = self._head(url, {"Accept": ACCEPT, "Authorization": f"Basic {token}"}, deadline)
         resp.release_conn()
-        if resp.status in (401, 403) and not fresh:
-            # The cached token may have been revoked or expired early: once more.
+        if resp.status in (401, 403) and not fresh and self._token_age(region) > RETRY_TOKEN_AGE:
+            # The cached token may have been revoked or expired early: once more,
+            # with a new one (not for a young token: a registry that refuses
+            # it would cost a token call on every probe).
             token, _ = self._token(region, deadline, force=True)
             resp = self._head(url, {"Accept": ACCEPT, "Authorization": f"Basic {token}"},
                               deadline)  # fmt: skip
@@ -541,10 +548,15 @@ class Prober:
                 self.observer.token_refresh(False)
                 raise _ecr_failure(exc) from None
             self.observer.token_refresh(True)
-            self._tokens[region] = _Token(value, self._refresh_at(data.get("expiresAt")))
+            self._tokens[region] = _Token(value, self._refresh_at(data.get("expiresAt")),
+                                          self.wall())  # fmt: skip
             return value, True
         finally:
             lock.release()
+
+    def _token_age(self, region: str) -> float:
+        token = self._tokens.get(region)
+        return self.wall() - token.fetched_at if token is not None else 0.0
 
     def _refresh_at(self, expires: object) -> float:
         """When to ask for a new token, given its ``expiresAt``."""
