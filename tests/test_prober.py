@@ -566,3 +566,61 @@ def test_old_token_refused_is_replaced_and_the_probe_retried(tmp_path: Path) -> 
     finally:
         p.close()
         reg.close()
+
+
+def test_single_flight_across_processes_shares_one_probe(tmp_path: Path) -> None:
+    """Two probers on one shared directory stand for two gunicorn workers.
+
+    ``flock`` locks belong to open file descriptions, so two probers in one
+    process contend exactly as two processes do.
+    """
+    reg = StandInRegistry(tmp_path / "r", default=200, delay=0.3)
+    shared = str(tmp_path / "shared")
+    probers = [prober_for((MIRROR, reg), budget=2.0, shared_dir=shared) for _ in range(2)]
+    ref = parse(f"{MIRROR}/eks/{CNI}")
+    try:
+        with cf.ThreadPoolExecutor(40) as pool:
+            answers = list(pool.map(lambda i: probers[i % 2].probe_all([ref]), range(100)))
+    finally:
+        for p in probers:
+            p.close()
+        reg.close()
+    assert len(reg.heads) == 1
+    assert {a[str(ref)].outcome for a in answers} == {Outcome.AVAILABLE}
+
+
+@pytest.mark.slow
+def test_serve_two_workers_one_probe_for_100_concurrent_admissions(
+    aws: str, tmp_path: Path
+) -> None:
+    """``serve --probe --workers 2``: 100 concurrent admissions of one cold image, one HEAD."""
+    import os
+
+    from tests.serving import ServerProcess, apiserver_tls_context, ecr_webhook, post_review
+    from webhook import certs
+
+    us = StandInRegistry(tmp_path / "us", basic=MOTO_TOKEN, default=200, delay=0.2)
+    paths = certs.write_bundle(certs.build_certificate(["localhost"], ["127.0.0.1"]), tmp_path)
+    port = free_port()
+    argv = [*ecr_webhook(), "serve", "--host", "127.0.0.1", "--port", str(port),
+            "--metrics-port", str(free_port()), "--cert-file", str(paths["tls.crt"]),
+            "--key-file", str(paths["tls.key"]), "--region", "us-west-2",
+            "--audit-log", str(tmp_path / "audit.jsonl"), "--workers", "2", "--threads", "8",
+            "--probe", "--registry-endpoint", f"{US}={us.url}", "--registry-ca", us.ca_file,
+            "--probe-timeout", "3"]  # fmt: skip
+    server = ServerProcess(argv, env=os.environ, stderr=tmp_path / "err.log")
+    ctx = apiserver_tls_context(paths["ca.crt"])
+    try:
+        server.wait_ready(port, ctx)
+        # One admission of another image first: the workers' ECR tokens are
+        # fetched; the image of the burst is still cold.
+        post_review(port, ctx, admission_review(_pod(f"{US}/amazon-k8s-cni:warm-up")), timeout=20)
+        body = admission_review(_pod(f"{US}/amazon-k8s-cni:cold-1"))
+        with cf.ThreadPoolExecutor(50) as pool:
+            answers = list(pool.map(lambda _: post_review(port, ctx, body, timeout=20),
+                                    range(100)))  # fmt: skip
+        assert {status for status, _ in answers} == {200}
+        assert us.heads.count("/v2/amazon-k8s-cni/manifests/cold-1") == 1
+    finally:
+        server.stop()
+        us.close()

@@ -46,7 +46,7 @@ from webhook.core.errors import ReviewError
 from webhook.core.plan import Oracle, PlanContext
 from webhook.core.policy import RegionTarget
 from webhook.logs import Log
-from webhook.metrics import Metrics
+from webhook.metrics import Metrics, multiprocess_dir
 from webhook.reload import CertificateHolder, PolicyHolder, policy_error_text
 
 # The kube-apiserver refuses request bodies over 3 MiB (apiserver
@@ -156,7 +156,10 @@ def _probing_admit(config: ServeConfig, policy: PolicyHolder, metrics: Metrics, 
             with lock:
                 if not made:
                     ctx = policy.context()
-                    made.append(Prober(options.settings(ctx.policy), observer=metrics))
+                    runtime = multiprocess_dir()  # the server's private directory
+                    shared = os.path.join(runtime, "probes") if runtime else None
+                    made.append(Prober(options.settings(ctx.policy), observer=metrics,
+                                       shared_dir=shared))  # fmt: skip
         return made[0]
 
     def probe_failed(exc: BaseException) -> None:

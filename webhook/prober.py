@@ -39,7 +39,8 @@ Budget, concurrency, cache:
   (``unreachable``, timed out) at ``PROBE_SHARE`` of the budget, so a hung
   registry is classified inside the admission that first asked;
 * single-flight per (registry, repository, reference): concurrent admissions
-  of the same cold image share one probe (per worker process);
+  of the same cold image share one probe, within a worker by a shared future
+  and across the server's workers by a lock file with the answer beside it;
 * an LRU cache bounded in size: positive answers for 5 min, negative for 30 s
   by default; an entry used in the last part of its life (``REFRESH_AHEAD``)
   is refreshed in the background, so in the steady state no admission waits
@@ -56,7 +57,10 @@ import binascii
 import concurrent.futures as cf
 import contextlib
 import datetime as dt
+import fcntl
+import hashlib
 import json
+import os
 import re
 import ssl
 import threading
@@ -213,7 +217,9 @@ class Prober:
     """Probes registries with a budget, a bounded cache and single flights.
 
     Thread-safe.  Create one per process (after a fork: threads and boto3
-    clients do not survive one).  ``ecr_client`` builds the boto3 ECR client of
+    clients do not survive one).  ``shared_dir``: a directory private to one
+    server and shared by its workers, for one probe per key across them
+    (``_probe_shared``).  ``ecr_client`` builds the boto3 ECR client of
     a region (tests inject one); ``clock`` is monotonic seconds, ``wall`` epoch
     seconds (token expiry is a wall-clock time).
     """
@@ -226,8 +232,12 @@ class Prober:
         ecr_client: Callable[[str, float], Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        shared_dir: str | None = None,
     ) -> None:
         self.settings = settings or ProberSettings()
+        self.shared_dir = shared_dir
+        if shared_dir is not None:
+            os.makedirs(shared_dir, mode=0o700, exist_ok=True)
         self.observer: ProbeObserver = observer or _NoObserver()
         self._make_client = ecr_client or _boto3_client
         self.clock = clock
@@ -366,9 +376,12 @@ class Prober:
     def _run(self, key: str, ref: ImageRef, limit: float, ttls: tuple[float, float],
              fut: cf.Future[Probe]) -> None:  # fmt: skip
         try:
-            probe = self.probe_now(ref, limit)
+            probe, age = self._probe_shared(key, ref, limit, ttls)
+            if probe.outcome is Outcome.NO_ANSWER:  # no evidence: nothing to cache
+                fut.set_result(probe)
+                return
             now = self.clock()
-            ttl = ttls[1] if probe.outcome in NEGATIVE else ttls[0]
+            ttl = (ttls[1] if probe.outcome in NEGATIVE else ttls[0]) - age
             with self._lock:
                 self._cache[key] = _Entry(probe, now + ttl, now + ttl * (1 - REFRESH_AHEAD))
                 self._cache.move_to_end(key)
@@ -380,6 +393,46 @@ class Prober:
         finally:
             with self._lock:
                 self._flights.pop(key, None)
+
+    def _probe_shared(self, key: str, ref: ImageRef, limit: float,
+                      ttls: tuple[float, float]) -> tuple[Probe, float]:  # fmt: skip
+        """(probe, its age in seconds): one probe per key across the server's workers.
+
+        Workers are processes; the single flight and the cache of each stop at
+        its edge.  With ``shared_dir`` (the server's private runtime
+        directory) a probe holds an exclusive ``flock`` on the key's lock file
+        and leaves its answer next to it; a worker that wants the same key
+        waits for the lock and takes an answer young enough (under three
+        quarters of its TTL) instead of probing again.  Failing that (no
+        directory, the lock not had in time, an unreadable file) it probes.
+        """
+        if self.shared_dir is None:
+            return self.probe_now(ref, limit), 0.0
+        name = os.path.join(self.shared_dir, hashlib.sha256(key.encode()).hexdigest()[:40])
+        # The holder started first and gives up after ``limit``: wait a little longer.
+        give_up = time.monotonic() + limit * 1.5 + 0.1
+        try:
+            fd = os.open(name + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return self.probe_now(ref, limit), 0.0
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= give_up:
+                        return self.probe_now(ref, limit), 0.0
+                    time.sleep(0.005)
+            shared = _read_answer(name, key, self.wall(), ttls)
+            if shared is not None:
+                return shared
+            probe = self.probe_now(ref, limit)
+            if probe.outcome is not Outcome.NO_ANSWER:
+                _write_answer(name, probe, self.wall())
+            return probe, 0.0
+        finally:
+            os.close(fd)  # releases the lock
 
     # ------------------------------------------------------------- one probe
 
@@ -531,7 +584,9 @@ class Prober:
             lock = self._token_locks.setdefault(region, threading.Lock())
         left = deadline - self.clock()
         if left <= 0 or not lock.acquire(timeout=left):
-            raise _Failed(Outcome.UNREACHABLE, "token: timed out")
+            # Another thread's token call is still running: that says nothing
+            # about the registry yet, so it is no answer (and never cached).
+            raise _Failed(Outcome.NO_ANSWER, "waiting for the token")
         try:
             current = self._tokens.get(region)
             if current is not None and current is not token and current.refresh_at > self.wall():
@@ -573,6 +628,35 @@ class Prober:
         if life <= PAST_EXPIRY_RETRY:
             return now + PAST_EXPIRY_RETRY  # already expired, or about to: retry soon
         return now + life * TOKEN_LIFE_SHARE
+
+
+def _read_answer(name: str, key: str, now: float,
+                 ttls: tuple[float, float]) -> tuple[Probe, float] | None:  # fmt: skip
+    """Another worker's answer for ``key``, if young enough; else None."""
+    try:
+        with open(name + ".json", encoding="utf-8") as f:
+            doc = json.load(f)
+        outcome = Outcome(doc["outcome"])
+        if doc["candidate"] != key:
+            return None
+        age = now - float(doc["at"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    ttl = ttls[1] if outcome in NEGATIVE else ttls[0]
+    if not 0 <= age < ttl * (1 - REFRESH_AHEAD):
+        return None
+    latency = float(doc.get("latencyMs", 0.0))
+    return Probe(key, outcome, latency, True, str(doc.get("detail", ""))), age
+
+
+def _write_answer(name: str, probe: Probe, now: float) -> None:
+    doc = {"candidate": probe.candidate, "outcome": str(probe.outcome),
+           "latencyMs": probe.latency_ms, "detail": probe.detail, "at": now}  # fmt: skip
+    tmp = f"{name}.{os.getpid()}.tmp"
+    with contextlib.suppress(OSError):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(doc, f)
+        os.replace(tmp, name + ".json")
 
 
 def _short(exc: BaseException) -> str:
