@@ -347,6 +347,21 @@ class Registry:
             self.stop()
         raise AssertionError(f"docker-registry {self.name} did not start: {self.stderr()}")
 
+    def set_users(self, users: Mapping[str, str]) -> None:
+        """Replace the htpasswd file (atomically).  Distribution 2.8 re-reads it when
+        its mtime changes (registry/auth/htpasswd/access.go), so this rotates the
+        credentials of a running registry: how a test makes it refuse a token."""
+        lines = [subprocess.run([HTPASSWD, "-nbB", "-C", "5", user, password], check=True,
+                                capture_output=True, text=True).stdout.strip()
+                 for user, password in users.items()]  # fmt: skip
+        path = self.workdir / "htpasswd"
+        old = path.stat().st_mtime_ns if path.exists() else 0
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("\n".join(lines) + "\n")
+        os.utime(tmp, ns=(max(time.time_ns(), old + 1_000_000_000),) * 2)
+        os.replace(tmp, path)
+        self.users = dict(users)
+
     def _wait_ready(self, timeout: float) -> bool:
         ctx = self._context()
         deadline = time.monotonic() + timeout
@@ -813,12 +828,15 @@ class EcrApiStandIn(_Counting):
 
     ``count`` is GetAuthorizationToken calls received (retries included);
     ``mode``, ``password`` and ``expires_in`` may be changed while running.
+    ``first_passwords`` are handed out, one per call, before ``password`` (a token
+    the registry will refuse, then a good one: a token revoked before its expiry).
     """
 
     def __init__(self, mode: str = "ok", password: str = "", expires_in: float = 12 * 3600):
         super().__init__()
         self.mode = mode
         self.password = password
+        self.first_passwords: list[str] = []
         self.expires_in = expires_in
         self.targets: list[str] = []
         api = self
@@ -847,7 +865,8 @@ class EcrApiStandIn(_Counting):
                                      "message": "User is not authorized to perform: "
                                                 "ecr:GetAuthorizationToken"})
                 else:
-                    token = base64.b64encode(f"AWS:{api.password}".encode()).decode()
+                    password = api.first_passwords.pop(0) if api.first_passwords else api.password
+                    token = base64.b64encode(f"AWS:{password}".encode()).decode()
                     self._send(200, {"authorizationData": [{
                         "authorizationToken": token,
                         "expiresAt": time.time() + api.expires_in,
