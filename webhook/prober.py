@@ -35,9 +35,11 @@ excludes the stored media type (distribution registry/handlers/manifests.go).
 Budget, concurrency, cache:
 
 * every probe of one admission runs concurrently on a bounded thread pool;
-  the admission waits at most ``budget`` seconds, and a probe gives up
-  (``unreachable``, timed out) at ``PROBE_SHARE`` of the budget, so a hung
-  registry is classified inside the admission that first asked;
+  the admission waits at most ``budget`` seconds, and a registry that has not
+  answered the HEAD at ``PROBE_SHARE`` of the budget is ``unreachable`` (timed
+  out), so a hung registry is classified inside the admission that first
+  asked (the token call has its own limit, ``TOKEN_TIMEOUT``: a slow ECR API
+  is not a slow registry);
 * single-flight per (registry, repository, reference): concurrent admissions
   of the same cold image share one probe, within a worker by a shared future
   and across the server's workers by a lock file with the answer beside it;
@@ -100,6 +102,9 @@ ANSWER_MARGIN = 0.03  # seconds of the budget kept for the rest of the admission
 REFRESH_AHEAD = 0.25  # refresh a used entry in the last quarter of its life
 PAST_EXPIRY_RETRY = 60.0  # seconds: ask again for a token whose expiresAt had passed
 TOKEN_LIFE_SHARE = 0.75  # refresh an ECR token at three quarters of its life
+# GetAuthorizationToken's own time limit (connect and read): tokens are asked for
+# rarely, mostly ahead of need, and a slow ECR API says nothing about a registry.
+TOKEN_TIMEOUT = 5.0
 TOKEN_FAILURE_BACKOFF = 10.0  # seconds before a failed token call is tried again
 RETRY_TOKEN_AGE = 300.0  # seconds: a refused token this old is replaced and the probe retried
 DEFAULT_CACHE_SIZE = 4096
@@ -319,7 +324,7 @@ class Prober:
         regions = {h.region for h in map(ecr.parse_host, (r.host for r in refs)) if h}
         for region in regions:
             with contextlib.suppress(_Failed):
-                self._token(region, self.clock() + self.settings.budget * PROBE_SHARE)
+                self._token(region, self.clock() + TOKEN_TIMEOUT)
 
     def warm(self, regions: Iterable[str]) -> None:
         """Create the ECR clients of ``regions`` and get their tokens, in the background.
@@ -333,7 +338,7 @@ class Prober:
     def _warm(self, region: str) -> None:
         with contextlib.suppress(Exception):
             self._client(region)
-            self._token(region, self.clock() + self.settings.budget * PROBE_SHARE)
+            self._token(region, self.clock() + TOKEN_TIMEOUT)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -420,8 +425,8 @@ class Prober:
             with contextlib.suppress(Exception):
                 self._client(h.region)
         name = os.path.join(self.shared_dir, hashlib.sha256(key.encode()).hexdigest()[:40])
-        # The holder started first and gives up after ``limit``: wait a little longer.
-        give_up = time.monotonic() + limit * 1.5 + 0.1
+        # The holder started first and is done after its token call and ``limit``.
+        give_up = time.monotonic() + TOKEN_TIMEOUT + limit * 1.5 + 0.1
         try:
             fd = os.open(name + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError:
@@ -456,9 +461,15 @@ class Prober:
             with contextlib.suppress(Exception):
                 self._client(h.region)
         started = time.perf_counter()
-        deadline = self.clock() + limit
         try:
-            status = self._ask_ecr(ref, h.region, deadline) if h else self._ask(ref, deadline)
+            if h is not None:
+                # The token call is the ECR API's time, not the registry's: the
+                # registry's limit starts when the token is there.  (The
+                # admission that asked waits only its budget either way.)
+                token, fresh = self._token(h.region, self.clock() + TOKEN_TIMEOUT)
+                status = self._ask_ecr(ref, h.region, token, fresh, limit)
+            else:
+                status = self._ask(ref, self.clock() + limit)
             outcome, detail = classify_status(status), f"HTTP {status}"
         except _Failed as exc:
             outcome, detail = exc.outcome, exc.detail
@@ -501,9 +512,10 @@ class Prober:
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise _Failed(Outcome.UNREACHABLE, _short(exc)) from None
 
-    def _ask_ecr(self, ref: ImageRef, region: str, deadline: float) -> int:
+    def _ask_ecr(self, ref: ImageRef, region: str, token: str, fresh: bool,
+                 limit: float) -> int:  # fmt: skip
         url = self._url(ref)
-        token, fresh = self._token(region, deadline)
+        deadline = self.clock() + limit
         resp = self._head(url, {"Accept": ACCEPT, "Authorization": f"Basic {token}"}, deadline)
         resp.release_conn()
         if resp.status in (401, 403) and not fresh and (
@@ -512,7 +524,8 @@ class Prober:
             # The cached token has expired, or may have been revoked: once more,
             # with a new one (not for a young, unexpired token: a registry that
             # refuses it would cost a token call on every probe).
-            token, _ = self._token(region, deadline, force=True)
+            token, _ = self._token(region, self.clock() + TOKEN_TIMEOUT, force=True)
+            deadline = self.clock() + limit
             resp = self._head(url, {"Accept": ACCEPT, "Authorization": f"Basic {token}"},
                               deadline)  # fmt: skip
             resp.release_conn()
@@ -584,8 +597,7 @@ class Prober:
             with self._client_lock:  # boto3 sessions are not thread-safe
                 client = self._clients.get(region)
                 if client is None:
-                    timeout = max(0.1, self.settings.budget * PROBE_SHARE)
-                    client = self._clients[region] = self._make_client(region, timeout)
+                    client = self._clients[region] = self._make_client(region, TOKEN_TIMEOUT)
         return client
 
     def _token(self, region: str, deadline: float, force: bool = False) -> tuple[str, bool]:
