@@ -308,6 +308,38 @@ def test_probe_never_rewrites_to_a_candidate_found_unavailable(
     assert evidence(d)[right] == "not-found"
 
 
+@pytest.mark.parametrize("pull_through", [True, False])
+def test_pull_through_cache_mirror_is_judged_from_its_upstream(
+    pull_through: bool, probe_world: ProbeWorld, second_good_registry: Registry,
+    tmp_path: Path,
+) -> None:
+    """Issue 8: an ECR pull-through cache answers 404 until its first pull; a mirror
+    marked ``pullThroughCache`` is judged from its upstream (here us-west-2, which
+    serves the image).  Unmarked, the same 404 keeps the image off the mirror."""
+    mirror = "111122223333.dkr.ecr.eu-central-1.amazonaws.com"
+    policy = tmp_path / "policy.yaml"
+    target: dict[str, Any] = {"type": "mirror", "registry": mirror, "prefix": "ecr-eks"}
+    if pull_through:
+        target.update(pullThroughCache=True, upstream=USW2)
+    policy.write_text(yaml.safe_dump({"targets": [target]}))
+    run = dry_run(probe_world, tmp_path, cni_pod(EUC1), region="eu-central-1",
+                  endpoints={EUC1: probe_world.refusing.url, mirror: second_good_registry.url,
+                             USW2: probe_world.good.url},
+                  extra=["--policy", str(policy)])
+    d = run.decisions()["aws-node"]
+    # The mirror itself was asked, and answered 404 (nothing was ever pulled through).
+    assert second_good_registry.manifest_requests("ecr-eks/amazon-k8s-cni", CNI_TAG)
+    assert {r.status for r in second_good_registry.manifest_requests(
+        "ecr-eks/amazon-k8s-cni", CNI_TAG)} == {404}  # fmt: skip
+    if pull_through:
+        assert d["action"] == "rewrite", json.dumps(d)
+        assert d["to"] == f"{mirror}/ecr-eks/amazon-k8s-cni:{CNI_TAG}"
+        assert evidence(d)[mirror] == "available"
+    else:
+        assert run.objects[0]["rewrites"] == [], json.dumps(d)
+        assert evidence(d)[mirror] == "not-found"
+
+
 # ----------------------------------------------------- ECR token call faults
 
 
