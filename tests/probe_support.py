@@ -140,10 +140,15 @@ def moto_server() -> Iterator[str]:
                             stderr=subprocess.DEVNULL)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(200):
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-                break
-            time.sleep(0.05)
+        deadline = time.monotonic() + 60  # moto's start-up is slow on a loaded machine
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), 0.5):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"moto_server did not start on port {port}") from None
+                time.sleep(0.05)
         yield url
     finally:
         proc.terminate()

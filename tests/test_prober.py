@@ -67,6 +67,9 @@ class Clock:
 
 
 def prober_for(*regs: tuple[str, StandInRegistry], **kw: Any) -> Prober:
+    """A prober for stand-ins; the budget is the largest allowed (3 s) unless given, so a
+    slow, shared machine (moto's first token call) does not decide an outcome."""
+    kw.setdefault("budget", 3.0)
     ca = regs[0][1].ca_file if regs else None
     settings = ProberSettings(endpoints={h: r.url for h, r in regs}, ca_file=ca,
                               **{k: v for k, v in kw.items() if k in ProberSettings.__dataclass_fields__})  # noqa: E501
@@ -345,11 +348,11 @@ def test_failing_token_call(registry: StandInRegistry, code: str, status: int,
 def test_probing_admit_seed_case(aws: str, tmp_path: Path) -> None:
     eu = StandInRegistry(tmp_path / "eu", basic="bm9wZQ==", default=200)
     us = StandInRegistry(tmp_path / "us", basic=MOTO_TOKEN, default=200)
-    p = Prober(ProberSettings(endpoints={EU: eu.url, US: us.url},
+    p = Prober(ProberSettings(endpoints={EU: eu.url, US: us.url}, budget=3.0,
                               ca_file=_both_cas(tmp_path, eu, us)))  # fmt: skip
     ctx = PlanContext.build(policy_from_mapping({"fallbackRegions": ["us-west-2"]}),
                             "eu-central-1")  # fmt: skip
-    admit = ProbingAdmit(lambda: p, enabled=True, budget=1.0)
+    admit = ProbingAdmit(lambda: p, enabled=True, budget=3.0)
     try:
         p.prepare([parse(f"{EU}/{CNI}"), parse(f"{US}/{CNI}")])
         out = admit(admission_review(_pod(f"{EU}/{CNI}")), ctx)
@@ -438,7 +441,7 @@ def test_serve_with_probe_seed_case_patch_audit_and_metrics(aws: str, tmp_path: 
             "--audit-log", str(audit), "--workers", "1", "--probe",
             "--fallback-region", "us-west-2", "--registry-endpoint", f"{EU}={eu.url}",
             "--registry-endpoint", f"{US}={us.url}", "--registry-ca", _both_cas(tmp_path, eu, us),
-            "--probe-timeout", "2"]  # fmt: skip
+            "--probe-timeout", "3"]  # fmt: skip
     server = ServerProcess(argv, env=os.environ, stderr=tmp_path / "err.log")
     ctx = apiserver_tls_context(paths["ca.crt"])
     try:
@@ -492,7 +495,7 @@ def test_dry_run_and_probe_commands_seed_case(moto: str, tmp_path: Path) -> None
                          statuses={("amazon-k8s-cni", "v1.19.4"): 200})  # fmt: skip
     flags = ["--region", "eu-central-1", "--fallback-region", "us-west-2",
              "--registry-endpoint", f"{EU}={eu.url}", "--registry-endpoint", f"{US}={us.url}",
-             "--registry-ca", _both_cas(tmp_path, eu, us)]  # fmt: skip
+             "--registry-ca", _both_cas(tmp_path, eu, us), "--probe-timeout", "3"]  # fmt: skip
     pod = tmp_path / "pod.json"
     pod.write_text(json.dumps(_pod(f"{EU}/{CNI}")))
     try:

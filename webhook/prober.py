@@ -408,6 +408,10 @@ class Prober:
         """
         if self.shared_dir is None:
             return self.probe_now(ref, limit), 0.0
+        h = ecr.parse_host(ref.host)
+        if h is not None:  # boto3's start-up before the lock, not while others wait on it
+            with contextlib.suppress(Exception):
+                self._client(h.region)
         name = os.path.join(self.shared_dir, hashlib.sha256(key.encode()).hexdigest()[:40])
         # The holder started first and gives up after ``limit``: wait a little longer.
         give_up = time.monotonic() + limit * 1.5 + 0.1
