@@ -120,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=int, default=10, help="seconds per hey round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--connections", type=int, default=16)
+    p.add_argument("--only", type=int, choices=(1, 2, 3), help="run only this part")
     args = p.parse_args(argv)
+    run = {1, 2, 3} if args.only is None else {args.only}
     if shutil.which("hey") is None:
         print("bench/probe.py needs hey: apt-get install -y hey", file=sys.stderr)
         return 2
@@ -148,62 +150,12 @@ def main(argv: list[str] | None = None) -> int:
             procs += [static, probing]
             body = json.dumps(admission_review(pod("v1.19.4"))).encode()
 
-            print(f"1. warm cache vs static: {args.requests} sequential keep-alive admissions "
-                  "each, alternating blocks of 50, --workers 2 --threads 4")  # fmt: skip
-            clients = {"static": Client(sport, tmp / "ca.crt"),
-                       "probe": Client(pport, tmp / "ca.crt")}  # fmt: skip
-            times: dict[str, list[float]] = {"static": [], "probe": []}
-            for _ in range(20):  # warm both workers' caches and connections
-                for c in clients.values():
-                    c.post(body)
-            _, answer = clients["probe"].post(body)
-            warned = answer["response"].get("warnings", [""])[0]
-            for _ in range(max(1, args.requests // 50)):
-                for name, c in clients.items():
-                    for _ in range(50):
-                        times[name].append(c.post(body)[0])
-            print(summary("serve (static)", times["static"]))
-            print(summary("serve --probe (warm)", times["probe"]))
-            _, static_answer = clients["static"].post(body)
-            print(f"  static answer: {static_answer['response'].get('warnings', [''])[0]}")
-            print(f"  probe answer:  {warned}")
-            d = statistics.median(times["probe"]) - statistics.median(times["static"])
-            print(f"  median difference: {d * 1000:+.2f} ms")
-
-            print(f"2. cold cache, eu-central-1 registry hung: {args.cold} admissions, "
-                  "each with a new tag (budget 1 s)")  # fmt: skip
-            cold, cport = start(tmp, "cold", env,
-                                [*probe_flags, "--registry-endpoint", f"{EU}={hung.url}"])
-            procs.append(cold)
-            cc = Client(cport, tmp / "ca.crt")
-            cold_times, moved = [], 0
-            for i in range(args.cold):
-                seconds, doc = cc.post(json.dumps(admission_review(pod(f"cold-{i}"))).encode())
-                cold_times.append(seconds)
-                moved += "patch" in doc["response"]
-            print(summary("serve --probe (cold)", cold_times))
-            print(f"  {moved} of {args.cold} moved to us-west-2; "
-                  f"{sum(t > 1.0 for t in cold_times)} answers over the 1 s budget")  # fmt: skip
-            cold.stop()
-
-            print(f"3. throughput: {args.rounds} alternating hey rounds of {args.duration} s, "
-                  f"{args.connections} keep-alive TLS connections")  # fmt: skip
-            review = tmp / "review.json"
-            review.write_bytes(body)
-            hey(sport, review, 2, args.connections)
-            hey(pport, review, 2, args.connections)
-            statics, probes = [], []
-            for i in range(args.rounds):
-                statics.append(hey(sport, review, args.duration, args.connections))
-                probes.append(hey(pport, review, args.duration, args.connections))
-                print(f" round {i + 1}")
-                print(line("static", statics[-1]))
-                print(line("probe", probes[-1]))
-            s_rps = statistics.median(r.rps for r in statics)
-            p_rps = statistics.median(r.rps for r in probes)
-            print(f" median: static {s_rps:.1f} req/s, probe (warm) {p_rps:.1f} req/s, "
-                  f"ratio {p_rps / s_rps if s_rps else 0:.2f}; probe non-200/errors "
-                  f"{sum(r.non_200 + r.failed for r in probes)}")  # fmt: skip
+            if 1 in run:
+                latency(args, tmp, sport, pport, body)
+            if 2 in run:
+                cold_cache(args, tmp, env, probe_flags, hung)
+            if 3 in run:
+                throughput(args, tmp, sport, pport, body)
             print(f"  registry HEADs during the run: eu {len(eu.heads)}, us {len(us.heads)}, "
                   f"hung {len(hung.heads)}")  # fmt: skip
     finally:
@@ -213,6 +165,67 @@ def main(argv: list[str] | None = None) -> int:
             r.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+def latency(args: argparse.Namespace, tmp: Path, sport: int, pport: int, body: bytes) -> None:
+    print(f"1. warm cache vs static: {args.requests} sequential keep-alive admissions "
+          "each, alternating blocks of 50, --workers 2 --threads 4")  # fmt: skip
+    clients = {"static": Client(sport, tmp / "ca.crt"), "probe": Client(pport, tmp / "ca.crt")}
+    times: dict[str, list[float]] = {"static": [], "probe": []}
+    for _ in range(20):  # warm both workers' caches and connections
+        for c in clients.values():
+            c.post(body)
+    for _ in range(max(1, args.requests // 50)):
+        for name, c in clients.items():
+            for _ in range(50):
+                times[name].append(c.post(body)[0])
+    print(summary("serve (static)", times["static"]))
+    print(summary("serve --probe (warm)", times["probe"]))
+    for name, c in clients.items():
+        answer = c.post(body)[1]["response"].get("warnings", [""])[0]
+        print(f"  {name + ' answer:':<14} {answer}")
+    d = statistics.median(times["probe"]) - statistics.median(times["static"])
+    print(f"  median difference: {d * 1000:+.2f} ms")
+
+
+def cold_cache(args: argparse.Namespace, tmp: Path, env: dict[str, str], probe_flags: list[str],
+               hung: StandInRegistry) -> None:  # fmt: skip
+    print(f"2. cold cache, eu-central-1 registry hung: {args.cold} admissions, "
+          "each with a new tag (budget 1 s)")  # fmt: skip
+    cold, cport = start(tmp, "cold", env, [*probe_flags, "--registry-endpoint", f"{EU}={hung.url}"])
+    try:
+        cc = Client(cport, tmp / "ca.crt")
+        cold_times, moved = [], 0
+        for i in range(args.cold):
+            seconds, doc = cc.post(json.dumps(admission_review(pod(f"cold-{i}"))).encode())
+            cold_times.append(seconds)
+            moved += "patch" in doc["response"]
+    finally:
+        cold.stop()
+    print(summary("serve --probe (cold)", cold_times))
+    print(f"  {moved} of {args.cold} moved to us-west-2; "
+          f"{sum(t > 1.0 for t in cold_times)} answers over the 1 s budget")  # fmt: skip
+
+
+def throughput(args: argparse.Namespace, tmp: Path, sport: int, pport: int, body: bytes) -> None:
+    print(f"3. throughput: {args.rounds} alternating hey rounds of {args.duration} s, "
+          f"{args.connections} keep-alive TLS connections")  # fmt: skip
+    review = tmp / "review.json"
+    review.write_bytes(body)
+    hey(sport, review, 2, args.connections)
+    hey(pport, review, 2, args.connections)
+    statics, probes = [], []
+    for i in range(args.rounds):
+        statics.append(hey(sport, review, args.duration, args.connections))
+        probes.append(hey(pport, review, args.duration, args.connections))
+        print(f" round {i + 1}")
+        print(line("static", statics[-1]))
+        print(line("probe", probes[-1]))
+    s_rps = statistics.median(r.rps for r in statics)
+    p_rps = statistics.median(r.rps for r in probes)
+    print(f" median: static {s_rps:.1f} req/s, probe (warm) {p_rps:.1f} req/s, "
+          f"ratio {p_rps / s_rps if s_rps else 0:.2f}; probe non-200/errors "
+          f"{sum(r.non_200 + r.failed for r in probes)}")  # fmt: skip
 
 
 if __name__ == "__main__":

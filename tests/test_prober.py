@@ -317,13 +317,13 @@ class FailingEcr:
                           "GetAuthorizationToken")  # fmt: skip
 
 
-@pytest.mark.parametrize(("code", "status", "outcome"), [
-    ("AccessDeniedException", 400, Outcome.UNAUTHORIZED),
-    ("ThrottlingException", 400, Outcome.THROTTLED),
-    ("ServerException", 500, Outcome.SERVER_ERROR),
+@pytest.mark.parametrize(("code", "status"), [
+    ("AccessDeniedException", 400), ("ThrottlingException", 400), ("ServerException", 500),
 ])  # fmt: skip
-def test_failing_token_call(registry: StandInRegistry, code: str, status: int,
-                            outcome: Outcome) -> None:  # fmt: skip
+def test_failing_token_call_is_no_answer_and_backs_off(registry: StandInRegistry, code: str,
+                                                       status: int) -> None:  # fmt: skip
+    """No registry answered: no evidence (static rules decide), and the failing
+    call is not repeated by the next probes."""
     refreshes: list[bool] = []
 
     class Observer:
@@ -337,11 +337,13 @@ def test_failing_token_call(registry: StandInRegistry, code: str, status: int,
                    observer=Observer())  # fmt: skip
     try:
         got = p.probe_all([parse(f"{US}/{CNI}")])
+        again = p.probe_all([parse(f"{US}/amazon-k8s-cni:other")])
     finally:
         p.close()
-    assert got[f"{US}/{CNI}"].outcome is outcome
-    assert "token" in got[f"{US}/{CNI}"].detail
-    assert refreshes == [False]
+    assert got[f"{US}/{CNI}"].outcome is Outcome.NO_ANSWER
+    assert got[f"{US}/{CNI}"].detail == f"token: {code}"
+    assert again[f"{US}/amazon-k8s-cni:other"].outcome is Outcome.NO_ANSWER
+    assert refreshes == [False]  # one call, not one per probe
     assert registry.heads == []
 
 
@@ -627,3 +629,38 @@ def test_serve_two_workers_one_probe_for_100_concurrent_admissions(
     finally:
         server.stop()
         us.close()
+
+
+def test_token_that_expires_soon_is_refreshed_before_expires_at(tmp_path: Path) -> None:
+    """A token living 2 s is asked again at three quarters of its life; one that
+    expired while cached and is refused is replaced at once."""
+    import base64
+    import datetime as dt
+
+    second = base64.b64encode(b"AWS:second").decode()
+    reg = StandInRegistry(tmp_path / "r", basic=MOTO_TOKEN, default=200)
+    wall = [time.time()]
+    tokens = [MOTO_TOKEN, second, second]
+
+    class Ecr:
+        calls = 0
+
+        def get_authorization_token(self) -> Any:
+            Ecr.calls += 1
+            expires = dt.datetime.fromtimestamp(wall[0] + 2, dt.UTC)
+            return {"authorizationData": [{"authorizationToken": tokens[Ecr.calls - 1],
+                                           "expiresAt": expires}]}  # fmt: skip
+
+    p = prober_for((US, reg), ecr_client=lambda r, t: Ecr(), wall=lambda: wall[0])
+    try:
+        assert p.probe_all([parse(f"{US}/x:a")])[f"{US}/x:a"].outcome is Outcome.AVAILABLE
+        wall[0] += 1.0
+        assert p.probe_all([parse(f"{US}/x:b")])[f"{US}/x:b"].outcome is Outcome.AVAILABLE
+        assert Ecr.calls == 1
+        reg.basic = second  # the registry now wants the next token
+        wall[0] += 0.6  # 1.6 s: past three quarters of the token's 2 s
+        assert p.probe_all([parse(f"{US}/x:c")])[f"{US}/x:c"].outcome is Outcome.AVAILABLE
+        assert Ecr.calls == 2
+    finally:
+        p.close()
+        reg.close()

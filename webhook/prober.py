@@ -35,9 +35,11 @@ excludes the stored media type (distribution registry/handlers/manifests.go).
 Budget, concurrency, cache:
 
 * every probe of one admission runs concurrently on a bounded thread pool;
-  the admission waits at most ``budget`` seconds, and a probe gives up
-  (``unreachable``, timed out) at ``PROBE_SHARE`` of the budget, so a hung
-  registry is classified inside the admission that first asked;
+  the admission waits at most ``budget`` seconds, and a registry that has not
+  answered the HEAD at ``PROBE_SHARE`` of the budget is ``unreachable`` (timed
+  out), so a hung registry is classified inside the admission that first
+  asked (the token call has its own limit, ``TOKEN_TIMEOUT``: a slow ECR API
+  is not a slow registry);
 * single-flight per (registry, repository, reference): concurrent admissions
   of the same cold image share one probe, within a worker by a shared future
   and across the server's workers by a lock file with the answer beside it;
@@ -100,6 +102,10 @@ ANSWER_MARGIN = 0.03  # seconds of the budget kept for the rest of the admission
 REFRESH_AHEAD = 0.25  # refresh a used entry in the last quarter of its life
 PAST_EXPIRY_RETRY = 60.0  # seconds: ask again for a token whose expiresAt had passed
 TOKEN_LIFE_SHARE = 0.75  # refresh an ECR token at three quarters of its life
+# GetAuthorizationToken's own time limit (connect and read): tokens are asked for
+# rarely, mostly ahead of need, and a slow ECR API says nothing about a registry.
+TOKEN_TIMEOUT = 5.0
+TOKEN_FAILURE_BACKOFF = 10.0  # seconds before a failed token call is tried again
 RETRY_TOKEN_AGE = 300.0  # seconds: a refused token this old is replaced and the probe retried
 DEFAULT_CACHE_SIZE = 4096
 DEFAULT_CONCURRENCY = 16
@@ -194,23 +200,28 @@ class _Token:
     value: str
     refresh_at: float
     fetched_at: float = 0.0
+    expires: float | None = None
 
 
-def _ecr_failure(exc: BaseException) -> _Failed:
-    """A failed GetAuthorizationToken, as an outcome (botocore error shapes)."""
-    name = type(exc).__name__
+def _epoch(expires: object) -> float | None:
+    """``expiresAt`` (a datetime from boto3, or epoch seconds) as epoch seconds."""
+    if isinstance(expires, dt.datetime):
+        if expires.tzinfo is None:
+            expires = expires.replace(tzinfo=dt.UTC)
+        return expires.timestamp()
+    if isinstance(expires, int | float) and not isinstance(expires, bool):
+        return float(expires)
+    return None
+
+
+def _ecr_failure(exc: BaseException) -> str:
+    """What a failed GetAuthorizationToken said (botocore error shapes): code or class."""
     response = getattr(exc, "response", None)
     if isinstance(response, Mapping):
         code = str(response.get("Error", {}).get("Code", ""))
-        status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        if "Throttl" in code or status == 429:
-            return _Failed(Outcome.THROTTLED, f"token: {code}")
-        if status >= 500:
-            return _Failed(Outcome.SERVER_ERROR, f"token: {code or status}")
-        return _Failed(Outcome.UNAUTHORIZED, f"token: {code or status}")
-    if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
-        return _Failed(Outcome.UNAUTHORIZED, f"token: {name}")
-    return _Failed(Outcome.UNREACHABLE, f"token: {name}")
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")
+        return code or f"HTTP {status}"
+    return type(exc).__name__
 
 
 class Prober:
@@ -248,6 +259,7 @@ class Prober:
         self._clients: dict[str, Any] = {}
         self._client_lock = threading.Lock()
         self._tokens: dict[str, _Token] = {}
+        self._token_failures: dict[str, tuple[float, str]] = {}
         self._token_locks: dict[str, threading.Lock] = {}
         self._bearer: dict[tuple[str, str, str], _Token] = {}
         self._pool = cf.ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="probe")
@@ -312,7 +324,7 @@ class Prober:
         regions = {h.region for h in map(ecr.parse_host, (r.host for r in refs)) if h}
         for region in regions:
             with contextlib.suppress(_Failed):
-                self._token(region, self.clock() + self.settings.budget * PROBE_SHARE)
+                self._token(region, self.clock() + TOKEN_TIMEOUT)
 
     def warm(self, regions: Iterable[str]) -> None:
         """Create the ECR clients of ``regions`` and get their tokens, in the background.
@@ -326,7 +338,7 @@ class Prober:
     def _warm(self, region: str) -> None:
         with contextlib.suppress(Exception):
             self._client(region)
-            self._token(region, self.clock() + self.settings.budget * PROBE_SHARE)
+            self._token(region, self.clock() + TOKEN_TIMEOUT)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -413,8 +425,8 @@ class Prober:
             with contextlib.suppress(Exception):
                 self._client(h.region)
         name = os.path.join(self.shared_dir, hashlib.sha256(key.encode()).hexdigest()[:40])
-        # The holder started first and gives up after ``limit``: wait a little longer.
-        give_up = time.monotonic() + limit * 1.5 + 0.1
+        # The holder started first and is done after its token call and ``limit``.
+        give_up = time.monotonic() + TOKEN_TIMEOUT + limit * 1.5 + 0.1
         try:
             fd = os.open(name + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError:
@@ -449,9 +461,15 @@ class Prober:
             with contextlib.suppress(Exception):
                 self._client(h.region)
         started = time.perf_counter()
-        deadline = self.clock() + limit
         try:
-            status = self._ask_ecr(ref, h.region, deadline) if h else self._ask(ref, deadline)
+            if h is not None:
+                # The token call is the ECR API's time, not the registry's: the
+                # registry's limit starts when the token is there.  (The
+                # admission that asked waits only its budget either way.)
+                token, fresh = self._token(h.region, self.clock() + TOKEN_TIMEOUT)
+                status = self._ask_ecr(ref, h.region, token, fresh, limit)
+            else:
+                status = self._ask(ref, self.clock() + limit)
             outcome, detail = classify_status(status), f"HTTP {status}"
         except _Failed as exc:
             outcome, detail = exc.outcome, exc.detail
@@ -494,16 +512,20 @@ class Prober:
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise _Failed(Outcome.UNREACHABLE, _short(exc)) from None
 
-    def _ask_ecr(self, ref: ImageRef, region: str, deadline: float) -> int:
+    def _ask_ecr(self, ref: ImageRef, region: str, token: str, fresh: bool,
+                 limit: float) -> int:  # fmt: skip
         url = self._url(ref)
-        token, fresh = self._token(region, deadline)
+        deadline = self.clock() + limit
         resp = self._head(url, {"Accept": ACCEPT, "Authorization": f"Basic {token}"}, deadline)
         resp.release_conn()
-        if resp.status in (401, 403) and not fresh and self._token_age(region) > RETRY_TOKEN_AGE:
-            # The cached token may have been revoked or expired early: once more,
-            # with a new one (not for a young token: a registry that refuses
-            # it would cost a token call on every probe).
-            token, _ = self._token(region, deadline, force=True)
+        if resp.status in (401, 403) and not fresh and (
+            self._token_expired_since_fetch(region) or self._token_age(region) > RETRY_TOKEN_AGE
+        ):
+            # The cached token has expired, or may have been revoked: once more,
+            # with a new one (not for a young, unexpired token: a registry that
+            # refuses it would cost a token call on every probe).
+            token, _ = self._token(region, self.clock() + TOKEN_TIMEOUT, force=True)
+            deadline = self.clock() + limit
             resp = self._head(url, {"Accept": ACCEPT, "Authorization": f"Basic {token}"},
                               deadline)  # fmt: skip
             resp.release_conn()
@@ -575,15 +597,22 @@ class Prober:
             with self._client_lock:  # boto3 sessions are not thread-safe
                 client = self._clients.get(region)
                 if client is None:
-                    timeout = max(0.1, self.settings.budget * PROBE_SHARE)
-                    client = self._clients[region] = self._make_client(region, timeout)
+                    client = self._clients[region] = self._make_client(region, TOKEN_TIMEOUT)
         return client
 
     def _token(self, region: str, deadline: float, force: bool = False) -> tuple[str, bool]:
-        """(token, fetched now) for ``region``; one GetAuthorizationToken at a time per region."""
+        """(token, fetched now) for ``region``; one GetAuthorizationToken at a time per region.
+
+        A failed token call is no answer from any registry (``no-answer``, so
+        the static rules decide, issue 8), and is not repeated for
+        ``TOKEN_FAILURE_BACKOFF`` seconds: a throttled API is not hammered.
+        """
         token = self._tokens.get(region)
         if token is not None and not force and token.refresh_at > self.wall():
             return token.value, False
+        failed = self._token_failures.get(region)
+        if failed is not None and failed[0] > self.wall():
+            raise _Failed(Outcome.NO_ANSWER, failed[1])
         with self._lock:
             lock = self._token_locks.setdefault(region, threading.Lock())
         left = deadline - self.clock()
@@ -600,38 +629,44 @@ class Prober:
                 data = answer["authorizationData"][0]
                 value = str(data["authorizationToken"])
                 base64.b64decode(value, validate=True)
-            except (KeyError, IndexError, TypeError, binascii.Error):
-                self.observer.token_refresh(False)
-                raise _Failed(Outcome.SERVER_ERROR, "token: malformed answer") from None
             except Exception as exc:
                 self.observer.token_refresh(False)
-                raise _ecr_failure(exc) from None
+                malformed = isinstance(exc, KeyError | IndexError | TypeError | binascii.Error)
+                why = "token: malformed answer" if malformed else f"token: {_ecr_failure(exc)}"
+                self._token_failures[region] = (self.wall() + TOKEN_FAILURE_BACKOFF, why)
+                raise _Failed(Outcome.NO_ANSWER, why) from None
             self.observer.token_refresh(True)
-            self._tokens[region] = _Token(value, self._refresh_at(data.get("expiresAt")),
-                                          self.wall())  # fmt: skip
+            self._token_failures.pop(region, None)
+            now = self.wall()
+            expires = _epoch(data.get("expiresAt"))
+            self._tokens[region] = _Token(value, self._refresh_at(expires), now, expires)
             return value, True
         finally:
             lock.release()
+
+    def _token_expired_since_fetch(self, region: str) -> bool:
+        """Whether the cached token was valid when fetched and its expiresAt has passed."""
+        token = self._tokens.get(region)
+        if token is None or token.expires is None:
+            return False
+        return token.fetched_at < token.expires <= self.wall()
 
     def _token_age(self, region: str) -> float:
         token = self._tokens.get(region)
         return self.wall() - token.fetched_at if token is not None else 0.0
 
-    def _refresh_at(self, expires: object) -> float:
-        """When to ask for a new token, given its ``expiresAt``."""
+    def _refresh_at(self, expires: float | None) -> float:
+        """When to ask for a new token, given its ``expiresAt`` (epoch seconds).
+
+        At three quarters of its life, so always before ``expiresAt``; a token
+        whose ``expiresAt`` had already passed when it came (a skewed clock; moto
+        always says 2015) is used, and asked for again after
+        ``PAST_EXPIRY_RETRY`` seconds rather than on every probe.
+        """
         now = self.wall()
-        if isinstance(expires, dt.datetime):
-            if expires.tzinfo is None:
-                expires = expires.replace(tzinfo=dt.UTC)
-            at = expires.timestamp()
-        elif isinstance(expires, int | float):
-            at = float(expires)
-        else:
+        if expires is None or expires <= now:
             return now + PAST_EXPIRY_RETRY
-        life = at - now
-        if life <= PAST_EXPIRY_RETRY:
-            return now + PAST_EXPIRY_RETRY  # already expired, or about to: retry soon
-        return now + life * TOKEN_LIFE_SHARE
+        return now + (expires - now) * TOKEN_LIFE_SHARE
 
 
 def _read_answer(name: str, key: str, now: float,
