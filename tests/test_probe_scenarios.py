@@ -252,11 +252,6 @@ def test_an_available_original_is_never_rewritten(
     assert evidence(d)[mapped] == "available"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "probe branch deviation from issue 8: a failed/throttled GetAuthorizationToken is "
-    "recorded as the registry's own answer (outcome 'throttled'/'server-error'), i.e. "
-    "evidence against the candidate, so the known-wrong account is not fixed; the "
-    "registry never answered, so the static rules should decide"))
 def test_wrong_account_still_fixed_when_probing_gives_no_answer(
     probe_world: ProbeWorld, ecr_stand_in: EcrApiStandIn, tmp_path: Path
 ) -> None:
@@ -644,10 +639,6 @@ def test_served_token_call_faults_answered_and_counted(
                                result="failure") >= 1, 30, "the token failure counted")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "probe branch deviation from issue 8 ('refreshed before expiresAt'): a token whose "
-    "expiresAt is under 60 s ahead is kept 60 s (PAST_EXPIRY_RETRY), past its expiry, and "
-    "a refused token younger than 300 s (RETRY_TOKEN_AGE) is not replaced"))
 def test_served_expired_token_refused_then_replaced(
     probing_server: Any, start_registry: Any, ecr_stand_in: EcrApiStandIn,
 ) -> None:
