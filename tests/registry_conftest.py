@@ -27,6 +27,7 @@ from tests.registry_support import (
     aws_env,
     closed_port_url,
     ecr_token,
+    endpoint_flags,
 )
 
 # The VPC CNI images of the seed case (issue 8) and the pause image.
@@ -200,10 +201,8 @@ class ProbeWorld:
     refusing: Registry
 
     def endpoints(self, mapping: Mapping[str, str]) -> list[str]:
-        out: list[str] = []
-        for host, url in mapping.items():
-            out += ["--registry-endpoint", f"{host}={url}"]
-        return out
+        """``--registry-endpoint HOST=URL`` for each (registry host, base URL)."""
+        return endpoint_flags(mapping)
 
 
 @pytest.fixture(scope="session")

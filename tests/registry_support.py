@@ -50,7 +50,7 @@ import sys
 import tarfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -902,15 +902,6 @@ class EcrApiStandIn(_Counting):
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
-
-
-@contextlib.contextmanager
-def running(server: Any) -> Iterator[Any]:
-    """Stop ``server`` (anything with ``stop()``) on exit."""
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def endpoint_flags(mapping: Mapping[str, str]) -> list[str]:
