@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.registry_conftest"]
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("ECR_WEBHOOK_SHARED", ROOT.parent / "shared"))
 

@@ -258,7 +258,7 @@ def test_metric_names_are_exported_and_preinitialised(h: Harness) -> None:
                  "ecr_webhook_errors_total", "ecr_webhook_build_info",
                  "ecr_webhook_probes_total"):  # fmt: skip
         assert f"\n{name}" in text, name
-    assert 'ecr_webhook_probes_total{result="unavailable"} 0.0' in text
+    assert 'ecr_webhook_probes_total{outcome="unauthorized",registry="other"} 0.0' in text
     assert 'ecr_webhook_errors_total{stage="admit"} 0.0' in text
 
 

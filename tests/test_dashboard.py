@@ -112,7 +112,7 @@ def _queries(metric: str, by: str | None = None) -> list[str]:
     ("errors", "ecr_webhook_errors_total", "stage"),
     ("rewrites by reason", "ecr_webhook_rewrites_total", "reason"),
     ("rewrites by route (target registry)", "ecr_webhook_rewrites_total", "registry"),
-    ("probe outcomes", "ecr_webhook_probes_total", "result"),
+    ("probe outcomes", "ecr_webhook_probes_total", "outcome"),
     ("requests in flight", "ecr_webhook_requests_in_flight", None),
     ("policy reloads", "ecr_webhook_policy_reloads_total", "result"),
 ])  # fmt: skip

@@ -268,7 +268,8 @@ def test_metrics_scrape_has_the_documented_names(server: Served) -> None:
                   registry=TARGET_REGISTRY) >= 3  # fmt: skip
     assert sample(scrape, "ecr_webhook_build_info", version="0.1.0") == 1
     assert sample(scrape, "ecr_webhook_requests_in_flight") == 0
-    assert ("ecr_webhook_probes_total", (("result", "unavailable"),)) in scrape
+    assert ("ecr_webhook_probes_total", (("outcome", "unauthorized"), ("registry", "other"))) \
+        in scrape
     assert get(server.config.metrics_port, "/other")[0] == 404
     # Not on the TLS port.
     assert get(server.port, "/metrics", server.ctx)[0] == 404

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -44,9 +45,9 @@ from webhook.core.audit import build_record
 from webhook.core.ecr import DATA_VERSION
 from webhook.core.errors import ReviewError
 from webhook.core.plan import Oracle, PlanContext
-from webhook.core.policy import unknown_region
+from webhook.core.policy import RegionTarget, unknown_region
 from webhook.logs import Log, Throttle
-from webhook.metrics import Metrics, errno_label
+from webhook.metrics import Metrics, errno_label, multiprocess_dir
 from webhook.reload import (
     UNKNOWN_REGION_MESSAGE,
     CertificateHolder,
@@ -141,6 +142,47 @@ def _map_exception(body: object, exc: Exception) -> Answer:
     return Answer(200, outcome.review, outcome)
 
 
+def _probing_admit(config: ServeConfig, policy: PolicyHolder, metrics: Metrics, log: Log) -> Admit:
+    """``review.admit`` with registry probes when ``--probe`` or the policy asks for them.
+
+    The prober (threads, boto3 clients, HTTP pools) is made in the worker
+    process, never before gunicorn forks: with ``--probe`` at once, with its
+    ECR clients warmed in the background for the regions of the policy's
+    candidates; when only a reloaded policy turns probing on, at the first
+    admission that needs it.
+    """
+    from webhook.prober import ProbeOptions, Prober, ProbingAdmit
+
+    options = ProbeOptions(config.probe, config.fallback_regions, config.registry_endpoints,
+                           config.registry_ca, config.probe_timeout)  # fmt: skip
+    lock = threading.Lock()
+    made: list[Prober] = []
+
+    def prober() -> Prober:
+        if not made:
+            with lock:
+                if not made:
+                    ctx = policy.context()
+                    runtime = multiprocess_dir()  # the server's private directory
+                    shared = os.path.join(runtime, "probes") if runtime else None
+                    made.append(Prober(options.settings(ctx.policy), observer=metrics,
+                                       shared_dir=shared))  # fmt: skip
+        return made[0]
+
+    def probe_failed(exc: BaseException) -> None:
+        metrics.errors.labels("probe").inc()
+        log.error("probing failed, admission decided on static facts", err=exc)
+
+    if config.probe:
+        ctx = policy.context()
+        regions = {t.region or ctx.cluster.region for t in ctx.policy.candidates
+                   if isinstance(t, RegionTarget)}  # fmt: skip
+        prober().warm(r for r in regions if r)
+    return ProbingAdmit(prober, enabled=config.probe, budget=config.probe_timeout,
+                        default_budget=config.probe_budget_seconds,
+                        on_error=probe_failed)  # fmt: skip
+
+
 def create_app(
     config: ServeConfig,
     *,
@@ -198,8 +240,11 @@ def create_app(
                       certFile=config.cert_file)  # fmt: skip
 
     policy = PolicyHolder(config.policy_file, config.region, os.environ if env is None else env,
-                          oracle=oracle, on_reload=policy_reloaded)  # fmt: skip
+                          oracle=oracle, on_reload=policy_reloaded,
+                          fallback_regions=config.fallback_regions)  # fmt: skip
     metrics.region_unknown.set(1 if unknown_region(policy.context().cluster.region) else 0)
+    if admit is review.admit:
+        admit = _probing_admit(config, policy, metrics, log)
     if certificate is None:
         certificate = CertificateHolder(config.cert_file, config.key_file)
     if certificate.on_reload is None:

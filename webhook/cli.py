@@ -31,6 +31,32 @@ def cli() -> None:
     """Keep Amazon EKS system images pullable: a mutating admission webhook."""
 
 
+def probe_options(f: Any) -> Any:
+    """The probing flags of dry-run, serve and probe (issue 8; names are a contract)."""
+    for option in reversed((
+        click.option("--probe", "probe", is_flag=True,
+                     help="Probe registries for availability (ECR token + manifest HEAD)."),
+        click.option("--fallback-region", "fallback_regions", multiple=True, metavar="R",
+                     help="Also try the EKS registry of region R (repeatable; replaces the "
+                          "policy's fallbackRegions)."),
+        click.option("--registry-endpoint", "registry_endpoints", multiple=True,
+                     metavar="HOST=URL", help="Probe registry HOST at URL (repeatable)."),
+        click.option("--registry-ca", type=click.Path(dir_okay=False),
+                     help="Extra CA certificates (PEM) for registry TLS."),
+        click.option("--probe-timeout", type=float, metavar="SECONDS",
+                     help="Probe budget of one admission (default 1, or the policy's)."),
+    )):  # fmt: skip
+        f = option(f)
+    return f
+
+
+def _probe_opts(enabled: bool, kw: dict[str, Any]) -> Any:
+    from webhook.prober import ProbeOptions
+
+    return ProbeOptions(enabled, tuple(kw["fallback_regions"]), tuple(kw["registry_endpoints"]),
+                        kw["registry_ca"], kw["probe_timeout"])  # fmt: skip
+
+
 @cli.command("dry-run")
 @click.option(
     "-f",
@@ -48,13 +74,16 @@ def cli() -> None:
     help="Policy YAML file (the ConfigMap content).",
 )
 @click.option("-o", "--output", type=click.Choice(OUTPUTS), default="diff", show_default=True)
+@probe_options
 def dry_run(
-    files: tuple[str, ...], region: str | None, policy_file: str | None, output: str
-) -> None:
+    files: tuple[str, ...], region: str | None, policy_file: str | None, output: str,
+    probe: bool, **kw: Any,
+) -> None:  # fmt: skip
     """Show what the webhook would rewrite in manifests, without a cluster."""
     from webhook import dryrun
 
-    code = dryrun.run(list(files), region, policy_file, output, os.environ, sys.stdout, sys.stderr)
+    code = dryrun.run(list(files), region, policy_file, output, os.environ, sys.stdout, sys.stderr,
+                      probe=_probe_opts(probe, kw))  # fmt: skip
     sys.exit(code)
 
 
@@ -75,6 +104,7 @@ def dry_run(
     help="Loopback certificate in certs/, serve on 127.0.0.1, print a webhook config.",
 )
 @click.option("-v", "--verbosity", type=int, default=0, help="Log verbosity (klog-style v).")
+@probe_options
 def serve(
     host: str,
     port: int,
@@ -88,6 +118,8 @@ def serve(
     threads: int,
     dev: bool,
     verbosity: int,
+    probe: bool,
+    **kw: Any,
 ) -> None:
     """Serve /mutate over TLS with gunicorn (metrics on a plain-HTTP port)."""
     from webhook.config import ServeConfig
@@ -106,8 +138,29 @@ def serve(
         threads=threads,
         dev=dev,
         log_verbosity=verbosity,
+        probe=probe,
+        fallback_regions=tuple(kw["fallback_regions"]),
+        registry_endpoints=tuple(kw["registry_endpoints"]),
+        registry_ca=kw["registry_ca"],
+        probe_timeout=kw["probe_timeout"],
     )
     sys.exit(run(config))
+
+
+@cli.command("probe")
+@click.argument("image")
+@click.option("--region", help="Cluster region (default: policy, then AWS_REGION).")
+@click.option("--policy", "policy_file", type=click.Path(dir_okay=False), help="Policy YAML file.")
+@click.option("-o", "--output", type=click.Choice(("text", "json")), default="text",
+              show_default=True)  # fmt: skip
+@probe_options
+def probe_cmd(image: str, region: str | None, policy_file: str | None, output: str,
+              probe: bool, **kw: Any) -> None:  # fmt: skip
+    """Probe IMAGE and each candidate: what each answered, how fast, and the pick."""
+    from webhook import prober
+
+    sys.exit(prober.doctor(image, region, policy_file, _probe_opts(True, kw), os.environ,
+                           output, sys.stdout))  # fmt: skip
 
 
 @cli.group()

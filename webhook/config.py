@@ -27,6 +27,15 @@ class ServeConfig:
     dev: bool = False
     log_verbosity: int = 0
     # Time the server may spend probing registries while answering one
-    # AdmissionReview.  The MutatingWebhookConfiguration's timeoutSeconds (5)
-    # must exceed it; tests/test_manifests.py keeps the two in step.
-    probe_budget_seconds: float = 2.0
+    # AdmissionReview, unless --probe-timeout or the policy's
+    # probe.timeoutSeconds say otherwise (at most 3 s).  The
+    # MutatingWebhookConfiguration's timeoutSeconds (5) must exceed it;
+    # tests/test_manifests.py keeps the two in step.
+    probe_budget_seconds: float = 1.0
+    # Availability probing (issue 8): --probe, --fallback-region,
+    # --registry-endpoint HOST=URL, --registry-ca, --probe-timeout.
+    probe: bool = False
+    fallback_regions: tuple[str, ...] = ()
+    registry_endpoints: tuple[str, ...] = ()
+    registry_ca: str | None = None
+    probe_timeout: float | None = None

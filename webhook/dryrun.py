@@ -15,6 +15,15 @@ The JSON report (``--output json``) is a contract; its shape::
      "errors": [{"source": FILE, "index": I, "error": MESSAGE}]}
 
 ``index`` of an error is null for a file that could not be read at all.
+
+With ``--probe`` (issue 8) fields are added, never changed: each rewrite gets
+``probes``, and each object gets ``decisions``, one per container looked at::
+
+    "decisions": [{"container": C, "path": JSON-POINTER, "image": IMAGE,
+                   "action": "keep"|"rewrite"|"warn", "to": IMAGE|null,
+                   "reason": CODE, "rule": RULE, "detail": TEXT,
+                   "probes": [{"candidate": IMAGE, "outcome": OUTCOME,
+                               "latencyMs": MS, "cached": BOOL}]}]
 """
 
 from __future__ import annotations
@@ -61,7 +70,28 @@ class ObjectResult:
     patch: list[PatchOp]
     notes: tuple[str, ...] = ()  # warnings about the patch itself (annotation omitted)
 
-    def report(self) -> dict[str, Any]:
+    def report(self, probing: bool = False) -> dict[str, Any]:
+        out = self._report()
+        if probing:
+            for entry, d in zip(out["rewrites"], self.plan.rewrites, strict=True):
+                entry["probes"] = [p.as_json() for p in d.probes]
+            out["decisions"] = [
+                {
+                    "container": d.container,
+                    "path": f"{self.spec_pointer}/{d.path}",
+                    "image": d.image,
+                    "action": str(d.action),
+                    "to": d.target,
+                    "reason": str(d.reason),
+                    "rule": d.rule,
+                    "detail": d.detail,
+                    "probes": [p.as_json() for p in d.probes],
+                }
+                for d in self.plan.decisions
+            ]
+        return out
+
+    def _report(self) -> dict[str, Any]:
         return {
             "source": self.source,
             "index": self.index,
@@ -100,6 +130,7 @@ class RunResult:
     objects: list[ObjectResult] = field(default_factory=list)
     # index into documents -> the rewritten document, for --output yaml
     rewritten: dict[int, Any] = field(default_factory=dict)
+    probing: bool = False
 
 
 def _expand(paths: Sequence[str]) -> Iterator[tuple[str, str | None]]:
@@ -359,7 +390,7 @@ def render(result: RunResult, output: str, region: str | None, out: IO[str]) -> 
         report = {
             "schemaVersion": REPORT_SCHEMA_VERSION,
             "region": region,
-            "objects": [o.report() for o in result.objects],
+            "objects": [o.report(result.probing) for o in result.objects],
             "errors": [
                 {"source": d.source, "index": d.index, "error": d.error}
                 for d in result.documents
@@ -398,6 +429,11 @@ def _render_diff(result: RunResult, out: IO[str]) -> None:
         for o in objs:
             for message in [d.message for d in o.plan.warnings] + list(o.notes):
                 out.write(f"# warning: {doc.source}[{doc.index}] {o.kind} {o.name}: {message}\n")
+            if result.probing:
+                for d in o.plan.decisions:
+                    for p in d.probes:
+                        out.write(f"# probe: {d.container}: {p.candidate} {p.outcome} "
+                                  f"{p.latency_ms:.0f} ms{' (cached)' if p.cached else ''}\n")
         if n not in result.rewritten:
             continue
         changed += 1
@@ -423,10 +459,18 @@ def run(
     out: IO[str],
     err: IO[str],
     stdin: IO[str] | None = None,
+    probe: Any = None,
 ) -> int:
-    """The dry-run command.  Returns the exit code: 0, or 2 if any input was unreadable."""
+    """The dry-run command.  Returns the exit code: 0, or 2 if any input was unreadable.
+
+    ``probe`` (a ``webhook.prober.ProbeOptions``) turns availability probing on.
+    """
     inputs = list(_expand(files))  # bad paths fail before anything else is said
     pol = load_policy_file(policy_file)
+    if probe is not None:
+        pol = probe.apply(pol)
+        if probe.enabled or probe.endpoints or probe.ca_file or probe.timeout is not None:
+            probe.check()  # bad flags fail before anything is read
     region = policy_mod.resolve_region(region_flag, pol, env)
     if region is None:
         err.write("warning: no cluster region (--region, policy region, AWS_REGION); "
@@ -450,7 +494,14 @@ def run(
             docs.append(Document(name, None, error=f"cannot read: {why}"))
             continue
         docs.extend(read_documents(name, text))
+    # Only --probe makes dry-run ask registries (a policy's probe: key is for the server).
+    probing = probe is not None and probe.enabled
+    if probing:
+        from webhook import prober
+
+        ctx = prober.probe_documents(docs, ctx, probe)
     result = plan_documents(docs, ctx, rewrite=output in ("yaml", "diff"))
+    result.probing = probing
     for d in docs:
         if d.error is not None:
             where = "" if d.index is None else f" document {d.index}:"

@@ -16,15 +16,25 @@ ecr_webhook_rewrites_total                  counter    reason, registry
 ecr_webhook_policy_reloads_total            counter    result (success, failure)
 ecr_webhook_certificate_reloads_total       counter    result (success, failure)
 ecr_webhook_errors_total                    counter    stage (admit, audit, record, policy,
-                                                       certificate)
+                                                       certificate, probe)
 ecr_webhook_build_info                      gauge      version
-ecr_webhook_probes_total                    counter    result (available, unavailable,
-                                                       unknown, error)
+ecr_webhook_probes_total                    counter    registry, outcome (available,
+                                                       not-found, unauthorized, throttled,
+                                                       server-error, unreachable)
+ecr_webhook_probe_duration_seconds          histogram  -
+ecr_webhook_probe_cache_lookups_total       counter    result (hit, miss)
+ecr_webhook_registry_token_refreshes_total  counter    result (success, failure)
+ecr_webhook_probe_budget_exhausted_total    counter    -
 ecr_webhook_audit_write_errors_total        counter    errno (ENOSPC, EDQUOT, EIO, EPIPE,
                                                        other): audit records lost
 ecr_webhook_cluster_region_unknown          gauge      - (1: the cluster region is not in
                                                        the registry data)
 ==========================================  =========  ====================================
+
+``registry`` of the probe metrics is bounded too: an official EKS registry
+host (the package data lists them) or a mirror of the policy, else ``other``
+(``webhook.prober.Prober._label``); a pod's own wrong registry never becomes
+a label value.
 
 Across gunicorn workers the values are correct through prometheus_client's
 multiprocess mode: each worker writes its values to memory-mapped files in
@@ -55,8 +65,12 @@ from webhook import __version__
 
 PREFIX = "ecr_webhook"
 RESULTS = ("patched", "unchanged", "skipped", "error", "rejected")
-ERROR_STAGES = ("admit", "audit", "record", "policy", "certificate")
-PROBE_RESULTS = ("available", "unavailable", "unknown", "error")
+ERROR_STAGES = ("admit", "audit", "record", "policy", "certificate", "probe")
+PROBE_OUTCOMES = ("available", "not-found", "unauthorized", "throttled", "server-error",
+                  "unreachable")  # fmt: skip
+# Probe latency: a cache hit costs nothing, a cold probe a token call and a HEAD;
+# the budget of an admission is 1 s by default (at most 3).
+PROBE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 AUDIT_ERRNOS = ("ENOSPC", "EDQUOT", "EIO", "EPIPE", "other")
 # Admission latency: the kube-apiserver's default webhook timeout is 10 s
@@ -114,7 +128,15 @@ class Metrics:
             ["version"], registry=r, multiprocess_mode="max",
         )  # fmt: skip
         self.probes = Counter(
-            f"{PREFIX}_probes", "Registry availability probes, by outcome.",
+            f"{PREFIX}_probes", "Registry availability probes, by registry and outcome.",
+            ["registry", "outcome"], registry=r,
+        )  # fmt: skip
+        self.probe_duration = Histogram(
+            f"{PREFIX}_probe_duration_seconds", "Time one registry probe took (token + HEAD).",
+            registry=r, buckets=PROBE_BUCKETS,
+        )  # fmt: skip
+        self.probe_cache = Counter(
+            f"{PREFIX}_probe_cache_lookups", "Probe cache lookups, by result (hit, miss).",
             ["result"], registry=r,
         )  # fmt: skip
         # Why audit records were lost (each is also in errors_total{stage="audit"}):
@@ -129,6 +151,14 @@ class Metrics:
             f"{PREFIX}_cluster_region_unknown",
             "1 when the cluster region is missing from the registry data, else 0.",
             registry=r, multiprocess_mode="livemax",
+        )  # fmt: skip
+        self.token_refreshes = Counter(
+            f"{PREFIX}_registry_token_refreshes", "ECR authorization token calls, by result.",
+            ["result"], registry=r,
+        )  # fmt: skip
+        self.budget_exhausted = Counter(
+            f"{PREFIX}_probe_budget_exhausted",
+            "Admissions whose probes did not all answer within the budget.", registry=r,
         )  # fmt: skip
         self.build_info.labels(__version__).set(1)
         # labels() costs a lock and a dict lookup of a tuple of strings; the
@@ -145,10 +175,15 @@ class Metrics:
         for result in ("success", "failure"):
             self.policy_reloads.labels(result)
             self.certificate_reloads.labels(result)
-        for result in PROBE_RESULTS:
-            self.probes.labels(result)
         for name in AUDIT_ERRNOS:
             self.audit_write_errors.labels(name)
+        for outcome in PROBE_OUTCOMES:
+            self.probes.labels("other", outcome)
+        for result in ("hit", "miss"):
+            self.probe_cache.labels(result)
+        for result in ("success", "failure"):
+            self.token_refreshes.labels(result)
+        self._cache_children = (self.probe_cache.labels("miss"), self.probe_cache.labels("hit"))
 
     def observe(self, code: int, result: str, seconds: float) -> None:
         key = (code, result)
@@ -169,6 +204,21 @@ class Metrics:
             if child is None:
                 child = self._rewrites[key] = self.rewrites.labels(*key)
             child.inc(n)
+
+    # ProbeObserver (webhook.prober): called from probe threads.
+
+    def probed(self, registry: str, outcome: str, seconds: float) -> None:
+        self.probes.labels(registry, outcome).inc()
+        self.probe_duration.observe(seconds)
+
+    def cache_lookup(self, hit: bool) -> None:
+        self._cache_children[hit].inc()
+
+    def token_refresh(self, ok: bool) -> None:
+        self.token_refreshes.labels("success" if ok else "failure").inc()
+
+    def out_of_budget(self) -> None:
+        self.budget_exhausted.inc()
 
     def exposition(self) -> tuple[bytes, str]:
         """The text exposition and its content type.

@@ -24,13 +24,13 @@ import os
 import ssl
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cryptography import x509
 
 from webhook.core.errors import ConfigError, EcrWebhookError, PolicyError
 from webhook.core.plan import Oracle, PlanContext
-from webhook.core.policy import Policy, load_policy, resolve_region
+from webhook.core.policy import Policy, check_region, load_policy, resolve_region
 
 Signature = tuple[int, int, int, int]
 # Logged (with the region) at start and after a reload to such a region (issue 11).
@@ -64,15 +64,21 @@ def build_context(
     region_flag: str | None,
     env: Mapping[str, str],
     oracle: Oracle | None = None,
+    fallback_regions: tuple[str, ...] = (),
 ) -> PlanContext:
     """Load and validate the policy and resolve the region.  Raises EcrWebhookError.
 
-    With no policy file the defaults apply (``Policy()``).
+    With no policy file the defaults apply (``Policy()``).  ``fallback_regions``
+    (``--fallback-region``) replace the policy's ``fallbackRegions`` when given.
     """
     if policy_file is None:
         policy = Policy()
     else:
         policy = load_policy(read_text(policy_file, "--policy"), source=policy_file)
+    if fallback_regions:
+        regions = tuple(check_region(r, "--fallback-region", "command line")
+                        for r in fallback_regions)  # fmt: skip
+        policy = replace(policy, fallback_regions=regions)
     region = resolve_region(region_flag, policy, env)
     return PlanContext.build(policy, region, oracle=oracle)
 
@@ -94,16 +100,18 @@ class PolicyHolder:
         *,
         oracle: Oracle | None = None,
         on_reload: ReloadListener | None = None,
+        fallback_regions: tuple[str, ...] = (),
     ) -> None:
         self.policy_file = policy_file
         self.region_flag = region_flag
         self.env = env
         self.oracle = oracle
+        self.fallback_regions = fallback_regions
         self.on_reload = on_reload
         self._lock = threading.Lock()
         self._seen = signature(policy_file) if policy_file else None
         # The first load raises: there is no last good policy to keep.
-        self._context = build_context(policy_file, region_flag, env, oracle)
+        self._context = build_context(policy_file, region_flag, env, oracle, fallback_regions)
 
     @property
     def loaded(self) -> bool:
@@ -127,7 +135,8 @@ class PolicyHolder:
                 return
             self._seen = sig
             try:
-                ctx = build_context(self.policy_file, self.region_flag, self.env, self.oracle)
+                ctx = build_context(self.policy_file, self.region_flag, self.env, self.oracle,
+                                    self.fallback_regions)  # fmt: skip
             except EcrWebhookError as exc:
                 if self.on_reload is not None:
                     self.on_reload("failure", exc)

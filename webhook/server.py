@@ -343,7 +343,13 @@ def validate(config: ServeConfig) -> str | None:
             f"--workers {config.workers} --threads {config.threads}: both must be >= 1"
         )
     load_certificate(config.cert_file, config.key_file)
-    region = build_context(config.policy_file, config.region, os.environ).cluster.region
+    region = build_context(config.policy_file, config.region, os.environ,
+                           fallback_regions=config.fallback_regions).cluster.region  # fmt: skip
+    if config.probe or config.registry_endpoints or config.registry_ca or config.probe_timeout:
+        from webhook.prober import ProbeOptions
+
+        ProbeOptions(config.probe, config.fallback_regions, config.registry_endpoints,
+                     config.registry_ca, config.probe_timeout).check()  # fmt: skip
     if config.audit_log != "-":
         try:
             fd = os.open(config.audit_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)

@@ -68,6 +68,8 @@ def build_record(outcome: Outcome, received: float, answered: float) -> dict[str
             "action": str(d.action),
             "reason": str(d.reason),
             "rule": d.rule,
+            # probe evidence (issue 8): [{candidate, outcome, latencyMs, cached}]
+            "probes": [p.as_json() for p in d.probes],
         }
         for d in outcome.plan.decisions
     ]

@@ -23,7 +23,7 @@ import io
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import cache, lru_cache
+from functools import cache, cached_property, lru_cache
 from importlib import resources
 
 # Version of the shipped registry facts; bump when data/*.csv change.
@@ -192,8 +192,9 @@ class EcrFacts:
             )
         return cls(regions=regions)
 
-    @property
+    @cached_property
     def eks_accounts(self) -> frozenset[str]:
+        # Computed once: StaticOracle.check asks for it on every unmemoised check.
         return frozenset(r.account for r in self.regions.values())
 
     def partition_of(self, region: str) -> str | None:

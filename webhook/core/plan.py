@@ -16,9 +16,13 @@ Rules the planner keeps, each of which a test asserts:
 * Under the default policy only references known not to work are rewritten.
 
 Availability comes from an *oracle* (``Oracle`` protocol).  ``StaticOracle``
-knows the registry facts and the policy's declared-unavailable list; a probing
-oracle (ECR token + OCI HEAD, with a budget and a cache) can wrap it later
-without the planner changing.
+knows the registry facts and the policy's declared-unavailable list.  Probing
+(issue 8) extends the seam without I/O in the core: the shell asks
+``probe_requests`` which references a pod's decisions may consult, probes them
+all concurrently within its budget, and plans with
+``ctx.with_evidence(answers)``, whose oracle (``probing.EvidenceOracle``) also
+answers ``probe(ref)``.  The decision rules over that evidence are stated in
+``webhook.core.probing``.
 """
 
 from __future__ import annotations
@@ -32,6 +36,13 @@ from webhook.core import ecr
 from webhook.core.errors import InvalidReferenceError
 from webhook.core.imageref import ImageRef, parse
 from webhook.core.policy import MirrorTarget, Policy, RegionTarget
+from webhook.core.probing import (
+    EvidenceOracle,
+    Probe,
+    none_available,
+    upstream_of,
+    usable,
+)
 
 CONTAINER_KINDS: tuple[str, ...] = ("initContainers", "containers", "ephemeralContainers")
 
@@ -50,6 +61,12 @@ class Reason(StrEnum):
     WRONG_PARTITION = "wrong-partition"
     NO_SUCH_ENDPOINT = "no-such-endpoint"
     REGISTRY_UNAVAILABLE = "registry-unavailable"
+    # ... because a probe of the original answered (probing.Outcome values)
+    NOT_FOUND = "not-found"
+    UNAUTHORIZED = "unauthorized"
+    THROTTLED = "throttled"
+    SERVER_ERROR = "server-error"
+    UNREACHABLE = "unreachable"
     MIRROR_PREFERRED = "mirror-preferred"
     CLUSTER_REGION_PREFERRED = "cluster-region-preferred"
     # why an image is kept
@@ -154,6 +171,13 @@ class PlanContext:
     # image -> judgement, used only when the oracle is static (its answers never
     # change); bounded so a long-running server cannot grow it without limit.
     memo: dict[str, Decision] = field(default_factory=dict, compare=False, repr=False)
+    # With probe evidence: image -> what to probe and which evidence to read
+    # (static per policy), and (image, evidence fingerprint) -> judgement.
+    # Shared by every ``with_evidence`` copy of this context; bounded likewise.
+    facts_memo: dict[str, ImageFacts | None] = field(default_factory=dict, compare=False,
+                                                      repr=False)  # fmt: skip
+    evidence_memo: dict[tuple[str, tuple[object, ...]], Decision] = field(
+        default_factory=dict, compare=False, repr=False)  # fmt: skip
 
     @classmethod
     def build(
@@ -166,6 +190,17 @@ class PlanContext:
         facts = facts or ecr.default_facts()
         cluster = Cluster.for_region(region, facts)
         return cls(policy, cluster, oracle or StaticOracle(facts, policy, cluster), facts)
+
+    def with_evidence(self, evidence: Mapping[str, Probe]) -> PlanContext:
+        """This context, deciding also from probe answers (``str(ref)`` -> Probe).
+
+        Cheap (no copy of the policy); made per admission.  The result never
+        memoises decisions: evidence changes from one admission to the next.
+        """
+        base = self.oracle.base if isinstance(self.oracle, EvidenceOracle) else self.oracle
+        oracle = EvidenceOracle(base, evidence, self.policy, self.cluster.region, self.facts)
+        return PlanContext(self.policy, self.cluster, oracle, self.facts, self.memo,
+                           self.facts_memo, self.evidence_memo)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +220,9 @@ class Decision:
     target: str | None = None
     rule: str = ""
     detail: str = ""
+    # The probe evidence behind the decision (the original first, then each
+    # candidate in policy order); empty when probing is off.
+    probes: tuple[Probe, ...] = ()
 
     @property
     def message(self) -> str:
@@ -287,7 +325,10 @@ def _decide(
         d = Decision(name, path, image, Action.KEEP, Reason.SKIP_ANNOTATION, None,
                      ctx.policy.skip_annotation, "skipped by annotation")  # fmt: skip
         return d
-    if not getattr(ctx.oracle, "static", False):
+    oracle = ctx.oracle
+    if isinstance(oracle, EvidenceOracle):
+        return _decide_with_evidence(name, path, image, ctx, oracle)
+    if not getattr(oracle, "static", False):
         return _judge(name, path, image, ctx)
     judged = ctx.memo.get(image)
     if judged is None:
@@ -301,12 +342,94 @@ def _decide(
     return Decision(name, path, j.image, j.action, j.reason, j.target, j.rule, j.detail)
 
 
+@dataclass(frozen=True, slots=True)
+class ImageFacts:
+    """What probing needs to know about one managed image; depends on the policy only.
+
+    ``requests``: the references to probe (the original unless static facts
+    rule it out, each candidate, the upstream of each pull-through cache).
+    ``consulted``: the original and the candidates, in policy order, whose
+    evidence a decision shows.  ``keys``: ``str`` of every reference whose
+    answer can change the decision (the memo fingerprint).
+    """
+
+    requests: tuple[ImageRef, ...]
+    consulted: tuple[ImageRef, ...]
+    keys: tuple[str, ...]
+
+
+def image_facts(image: str, ctx: PlanContext) -> ImageFacts | None:
+    """``ImageFacts`` of ``image`` (memoised), or None when it is invalid or not managed."""
+    if image in ctx.facts_memo:
+        return ctx.facts_memo[image]
+    facts = _image_facts(image, ctx)
+    if len(ctx.facts_memo) >= MEMO_MAX:
+        ctx.facts_memo.clear()
+    ctx.facts_memo[image] = facts
+    return facts
+
+
+def _image_facts(image: str, ctx: PlanContext) -> ImageFacts | None:
+    try:
+        ref = parse(image)
+    except InvalidReferenceError:
+        return None
+    policy = ctx.policy
+    mirror = next((m for m in policy.mirrors if m.holds(ref.host, ref.path)), None)
+    upstream = mirror.strip(ref.path) if mirror else ref.path
+    if not policy.manages(upstream) or not (mirror or ecr.looks_like_ecr(ref.host)):
+        return None
+    base = ctx.oracle.base if isinstance(ctx.oracle, EvidenceOracle) else ctx.oracle
+    requests: dict[str, ImageRef] = {}
+    consulted: dict[str, ImageRef] = {ref.name: ref}
+
+    def add(r: ImageRef) -> None:
+        requests.setdefault(str(r), r)
+        for m in policy.mirrors:
+            up = upstream_of(r, m, ctx.cluster.region, ctx.facts)
+            if up is not None:
+                requests.setdefault(str(up), up)
+
+    if base.check(ref).availability is not Availability.UNAVAILABLE:
+        add(ref)
+    for t in _probe_targets(policy):
+        cand = _candidate(ref, upstream, t, ctx)
+        if cand is not None and cand.name != ref.name:
+            add(cand)
+            consulted.setdefault(cand.name, cand)
+    keys = dict.fromkeys([*requests, *(str(r) for r in consulted.values())])
+    return ImageFacts(tuple(requests.values()), tuple(consulted.values()), tuple(keys))
+
+
+def _probe_targets(policy: Policy) -> tuple[MirrorTarget | RegionTarget, ...]:
+    targets = policy.candidates
+    if policy.prefer_cluster_region and RegionTarget() not in targets:
+        targets = (*targets, RegionTarget())
+    return targets
+
+
+def _decide_with_evidence(
+    name: str, path: str, image: str, ctx: PlanContext, oracle: EvidenceOracle
+) -> Decision:
+    """``_judge`` over evidence, memoised on what the evidence says (not when or how fast)."""
+    facts = image_facts(image, ctx)
+    if facts is None:
+        return _judge(name, path, image, ctx)
+    ev = oracle.evidence
+    fingerprint = tuple((p.outcome, p.detail) if (p := ev.get(k)) else None for k in facts.keys)
+    key = (image, fingerprint)
+    j = ctx.evidence_memo.get(key)
+    if j is None:
+        j = _judge("", "", image, ctx)
+        if len(ctx.evidence_memo) >= MEMO_MAX:
+            ctx.evidence_memo.clear()
+        ctx.evidence_memo[key] = j
+    probes = tuple(p for r in facts.consulted if (p := oracle.probe(r)) is not None)
+    return Decision(name, path, j.image, j.action, j.reason, j.target, j.rule, j.detail, probes)
+
+
 def _judge(name: str, path: str, image: str, ctx: PlanContext) -> Decision:
     """The decision for one image, whatever container holds it."""
-
-    def keep(reason: Reason, detail: str, rule: str = "") -> Decision:
-        return Decision(name, path, image, Action.KEEP, reason, None, rule, detail)
-
     try:
         ref = parse(image)
     except InvalidReferenceError as exc:
@@ -315,45 +438,143 @@ def _judge(name: str, path: str, image: str, ctx: PlanContext) -> Decision:
     mirror = next((m for m in policy.mirrors if m.holds(ref.host, ref.path)), None)
     upstream = mirror.strip(ref.path) if mirror else ref.path
     if not policy.manages(upstream) or not (mirror or ecr.looks_like_ecr(ref.host)):
-        return keep(Reason.NOT_MANAGED, "not a managed repository")
+        return Decision(name, path, image, Action.KEEP, Reason.NOT_MANAGED, None, "",
+                        "not a managed repository")  # fmt: skip
+    oracle = ctx.oracle
+    probes: tuple[Probe, ...] = ()
+    own: Probe | None = None
+    if isinstance(oracle, EvidenceOracle):
+        own = oracle.probe(ref)
+        probes = _evidence(ref, upstream, ctx, oracle, own)
 
-    verdict = ctx.oracle.check(ref)
+    def decided(action: Action, reason: Reason, target: ImageRef | None = None, rule: str = "",
+                detail: str = "") -> Decision:  # fmt: skip
+        return Decision(name, path, image, action, reason, None if target is None else str(target),
+                        rule, detail, probes)  # fmt: skip
+
+    verdict = oracle.check(ref)
     if verdict.availability is Availability.UNAVAILABLE:
-        chosen = _choose(ref, upstream, ctx, policy.targets)
+        chosen = _choose(ref, upstream, ctx, policy.candidates)
         if chosen is None:
-            return Decision(
-                name, path, image, Action.WARN, Reason.NO_TARGET, None, "",
-                f"{verdict.detail}; no target in the policy can serve it",
-            )  # fmt: skip
-        target, rule = chosen
+            said = f"; {none_available(own, probes[1 if own else 0:])}" if probes else ""
+            return decided(Action.WARN, Reason.NO_TARGET, None, "",
+                           f"{verdict.detail}; no target in the policy can serve it{said}")
         assert verdict.reason is not None
-        return Decision(
-            name, path, image, Action.REWRITE, verdict.reason, str(target), rule, verdict.detail
-        )
+        return decided(Action.REWRITE, verdict.reason, chosen[0], chosen[1], verdict.detail)
+    if own is not None and own.unavailable:
+        # Probing proved the original unusable: only a candidate proven
+        # available replaces it (probing.py rule 2), else keep and warn (rule 5).
+        chosen = _choose(ref, upstream, ctx, policy.candidates, proof=True)
+        if chosen is None:
+            return decided(Action.WARN, Reason.NO_TARGET, None, "",
+                           none_available(own, probes[1:]))
+        why = f"{ref.host}: {own.outcome}" + (f" ({own.detail})" if own.detail else "")
+        return decided(Action.REWRITE, Reason(str(own.outcome)), chosen[0], chosen[1], why)
 
     at_target = mirror is not None or _at_region_target(ref, ctx)
     if policy.prefer_mirror and mirror is None:
         chosen = _choose(ref, upstream, ctx, policy.mirrors, policy.targets, optional=True)
         if chosen is not None:
-            return Decision(
-                name, path, image, Action.REWRITE, Reason.MIRROR_PREFERRED, str(chosen[0]),
-                chosen[1], "mirror preferred",
-            )  # fmt: skip
+            return decided(Action.REWRITE, Reason.MIRROR_PREFERRED, chosen[0], chosen[1],
+                           "mirror preferred")  # fmt: skip
     if policy.prefer_cluster_region and mirror is None and ctx.cluster.region is not None:
         h = ecr.parse_host(ref.host)
         if h is not None and h.region != ctx.cluster.region and ctx.facts.is_official(h):
             cluster_target = (RegionTarget(),)
             chosen = _choose(ref, upstream, ctx, cluster_target, optional=True)
             if chosen is not None:
-                return Decision(
-                    name, path, image, Action.REWRITE, Reason.CLUSTER_REGION_PREFERRED,
-                    str(chosen[0]), "preferClusterRegion", f"{ctx.cluster.region} preferred",
-                )  # fmt: skip
+                why = f"{ctx.cluster.region} preferred"
+                return decided(Action.REWRITE, Reason.CLUSTER_REGION_PREFERRED, chosen[0],
+                               "preferClusterRegion", why)  # fmt: skip
     if at_target:
-        return keep(Reason.AT_TARGET, "already at a target")
+        return decided(Action.KEEP, Reason.AT_TARGET, None, "", "already at a target")
+    if own is not None and own.available:
+        return decided(Action.KEEP, Reason.AVAILABLE, None, "", "pullable (probed)")
     if verdict.availability is Availability.AVAILABLE:
-        return keep(Reason.AVAILABLE, "pullable")
-    return keep(Reason.NOT_JUDGED, "registry not known to be unavailable")
+        return decided(Action.KEEP, Reason.AVAILABLE, None, "", "pullable")
+    return decided(Action.KEEP, Reason.NOT_JUDGED, None, "",
+                   "registry not known to be unavailable")  # fmt: skip
+
+
+def _evidence(
+    ref: ImageRef, upstream: str, ctx: PlanContext, oracle: EvidenceOracle, own: Probe | None
+) -> tuple[Probe, ...]:
+    """The probes a decision rests on: the original's, then each candidate's, in order."""
+    out = [own] if own is not None else []
+    seen = {ref.name}
+    for t in _probe_targets(ctx.policy):
+        cand = _candidate(ref, upstream, t, ctx)
+        if cand is None or cand.name in seen:
+            continue
+        seen.add(cand.name)
+        p = oracle.probe(cand)
+        if p is not None:
+            out.append(p)
+    return tuple(out)
+
+
+def candidates_of(image: str, ctx: PlanContext) -> tuple[tuple[ImageRef, str], ...]:
+    """The rewrite candidates of ``image`` with the policy entry of each, in order.
+
+    For ``ecr-webhook probe``; empty for an invalid or unmanaged reference.
+    """
+    try:
+        ref = parse(image)
+    except InvalidReferenceError:
+        return ()
+    policy = ctx.policy
+    mirror = next((m for m in policy.mirrors if m.holds(ref.host, ref.path)), None)
+    upstream = mirror.strip(ref.path) if mirror else ref.path
+    targets = policy.candidates
+    if policy.prefer_cluster_region and RegionTarget() not in targets:
+        targets = (*targets, RegionTarget())
+    out: dict[str, tuple[ImageRef, str]] = {}
+    for t in targets:
+        cand = _candidate(ref, upstream, t, ctx)
+        if cand is not None and cand.name != ref.name:
+            rule = "preferClusterRegion" if t not in policy.candidates else policy.rule_of(t)
+            out.setdefault(cand.name, (cand, rule))
+    return tuple(out.values())
+
+
+def probe_requests(
+    meta: Mapping[str, Any] | None,
+    spec: Mapping[str, Any] | None,
+    namespace: str | None,
+    ctx: PlanContext,
+    kinds: Sequence[str] = CONTAINER_KINDS,
+) -> tuple[ImageRef, ...]:
+    """Every reference the decisions of this pod may consult, for the shell to probe.
+
+    The original of each managed image (unless static facts already rule it
+    out, which no probe can overturn), each candidate the policy offers for
+    it, and the upstream of each pull-through cache among them.  Pods and
+    containers the planner skips are not probed.  Ordered, without repeats.
+    """
+    policy = ctx.policy
+    meta = meta if isinstance(meta, Mapping) else {}
+    if not isinstance(spec, Mapping) or (namespace and namespace in policy.exclude_namespaces):
+        return ()
+    labels = meta.get("labels")
+    if isinstance(labels, Mapping) and str(labels.get(policy.opt_out_label, "")).lower() == "true":
+        return ()
+    skip = _skip_set(meta.get("annotations"), policy.skip_annotation)
+    if "*" in skip:
+        return ()
+    out: dict[str, ImageRef] = {}
+    for kind in kinds:
+        containers = spec.get(kind)
+        if not isinstance(containers, list):
+            continue
+        for c in containers:
+            if not isinstance(c, Mapping) or str(c.get("name", "")) in skip:
+                continue
+            image = c.get("image")
+            facts = image_facts(image, ctx) if isinstance(image, str) else None
+            if facts is not None:
+                for r in facts.requests:
+                    out.setdefault(str(r), r)
+    return tuple(out.values())
 
 
 def _at_region_target(ref: ImageRef, ctx: PlanContext) -> bool:
@@ -408,27 +629,44 @@ def _choose(
     targets: Iterable[MirrorTarget | RegionTarget],
     numbering: Sequence[MirrorTarget | RegionTarget] | None = None,
     optional: bool = False,
+    proof: bool = False,
 ) -> tuple[ImageRef, str] | None:
     """The first target that differs from ``ref`` and is not known unavailable.
 
     ``optional`` marks a rewrite the policy merely prefers (``preferMirror``,
     ``preferClusterRegion``): such a rewrite must not move a working FIPS
     reference to a host without a FIPS endpoint.
+
+    With probe evidence (probing.py rules 2-4): a candidate found unavailable
+    is never chosen; the first one proven available wins; only without such
+    a one, and only when ``proof`` is not required, the first candidate with
+    no answer (the static rule).
     """
     source = ecr.parse_host(ref.host)
     keep_fips = optional and source is not None and source.fips
-    order = list(numbering if numbering is not None else ctx.policy.targets)
+    oracle = ctx.oracle
+    evidence = oracle if isinstance(oracle, EvidenceOracle) else None
+    fallback: tuple[ImageRef, str] | None = None
     for t in targets:
         cand = _candidate(ref, upstream, t, ctx)
         if cand is None or cand.name == ref.name:
             continue
         if keep_fips and not _is_fips(cand):
             continue
-        if ctx.oracle.check(cand).availability is Availability.UNAVAILABLE:
+        if oracle.check(cand).availability is Availability.UNAVAILABLE:
             continue
-        rule = f"targets[{order.index(t)}]" if t in order else t.describe()
-        return cand, rule
-    return None
+        if numbering is not None and t in numbering:
+            rule = f"targets[{list(numbering).index(t)}]"
+        else:
+            rule = ctx.policy.rule_of(t)
+        if evidence is None:
+            return cand, rule
+        p = evidence.probe(cand)
+        if p is not None and p.available:
+            return cand, rule
+        if fallback is None and not proof and usable(p):
+            fallback = (cand, rule)
+    return fallback
 
 
 def _is_fips(ref: ImageRef) -> bool:

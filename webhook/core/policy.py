@@ -25,6 +25,16 @@ Example (all keys optional)::
     unavailable: [602401143452.dkr.ecr.us-east-1.amazonaws.com]
     preferClusterRegion: false
     preferMirror: false
+    fallbackRegions: [us-west-2]      # more candidates: the EKS registry of each
+    probe:                            # availability probing (issue 8); off by default
+      enabled: true
+      timeoutSeconds: 1               # the budget of one admission, all its probes
+      positiveTTLSeconds: 300
+      negativeTTLSeconds: 30
+
+A mirror target may be a pull-through cache (``pullThroughCache: true``,
+optional ``upstream: <registry host>``): a pull-through cache repository answers
+404 until its first pull, so probing judges it from its upstream.
 """
 
 from __future__ import annotations
@@ -77,11 +87,20 @@ _PREFIX = re.compile(
 
 @dataclass(frozen=True, slots=True)
 class MirrorTarget:
-    """Images copied or pull-through cached under ``registry/prefix/<repository>``."""
+    """Images copied or pull-through cached under ``registry/prefix/<repository>``.
+
+    ``pull_through_cache``: an ECR pull-through cache repository is created on
+    the first pull and answers 404 until then (ECR user guide, "Sync an upstream
+    registry with an Amazon ECR private registry"), so a probe judges it from
+    ``upstream`` (a registry host; default: the official EKS registry of the
+    mirror's region, else of the cluster's).
+    """
 
     registry: str
     prefix: str = ""
     type: Literal["mirror"] = "mirror"
+    pull_through_cache: bool = False
+    upstream: str | None = None
 
     def path_for(self, repository: str) -> str:
         return f"{self.prefix}/{repository}" if self.prefix else repository
@@ -112,6 +131,24 @@ class RegionTarget:
 
 Target = MirrorTarget | RegionTarget
 
+# Probing defaults (issue 8): one budget per admission, well under the
+# webhook's timeoutSeconds (5); positive answers cached 5 min, negative 30 s.
+DEFAULT_PROBE_BUDGET = 1.0
+DEFAULT_POSITIVE_TTL = 300.0
+DEFAULT_NEGATIVE_TTL = 30.0
+# The budget must leave room for TLS and queueing under timeoutSeconds 5.
+MAX_PROBE_BUDGET = 3.0
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeSettings:
+    """The policy's ``probe:`` key.  ``None`` fields defer to the command line's defaults."""
+
+    enabled: bool = False
+    timeout: float | None = None
+    positive_ttl: float | None = None
+    negative_ttl: float | None = None
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -126,6 +163,8 @@ class Policy:
     unavailable: tuple[str, ...] = ()
     prefer_cluster_region: bool = False
     prefer_mirror: bool = False
+    fallback_regions: tuple[str, ...] = ()
+    probe: ProbeSettings = ProbeSettings()
     source: str = "<defaults>"
     _patterns: tuple[re.Pattern[str], ...] = field(default=(), repr=False, compare=False)
 
@@ -151,6 +190,29 @@ class Policy:
     @property
     def mirrors(self) -> tuple[MirrorTarget, ...]:
         return tuple(t for t in self.targets if isinstance(t, MirrorTarget))
+
+    @property
+    def candidates(self) -> tuple[Target, ...]:
+        """Rewrite candidates in order of preference: ``targets``, then ``fallbackRegions``.
+
+        A fallback region is the official EKS registry of that region; one that
+        is already a target is not repeated.
+        """
+        if not self.fallback_regions:
+            return self.targets
+        extra = tuple(
+            t for t in (RegionTarget(r, "region") for r in self.fallback_regions)
+            if t not in self.targets
+        )  # fmt: skip
+        return self.targets + extra
+
+    def rule_of(self, target: Target) -> str:
+        """The policy entry that names ``target`` (``targets[0]``, ``fallbackRegions[1]``)."""
+        if target in self.targets:
+            return f"targets[{self.targets.index(target)}]"
+        if isinstance(target, RegionTarget) and target.region in self.fallback_regions:
+            return f"fallbackRegions[{self.fallback_regions.index(target.region)}]"
+        return target.describe()
 
 
 def _fail(field_: str, value: object, why: str, source: str) -> PolicyError:
@@ -194,6 +256,11 @@ def _region(
     return value
 
 
+def check_region(value: object, field_: str, source: str, facts: ecr.EcrFacts | None = None) -> str:
+    """``value`` if it is a region with a known EKS registry; else PolicyError naming ``field_``."""
+    return _region(value, field_, source, facts or ecr.default_facts())
+
+
 def _bool(doc: Mapping[str, Any], key: str, src: str) -> bool:
     value = doc.get(key, False)
     if not isinstance(value, bool):
@@ -203,7 +270,7 @@ def _bool(doc: Mapping[str, Any], key: str, src: str) -> bool:
 
 _TOP_KEYS = {
     "apiVersion", "kind", "region", "repositories", "additionalRepositories", "exclude",
-    "targets", "unavailable", "preferClusterRegion", "preferMirror",
+    "targets", "unavailable", "preferClusterRegion", "preferMirror", "fallbackRegions", "probe",
 }  # fmt: skip
 
 
@@ -258,6 +325,10 @@ def policy_from_mapping(
         if not _REGISTRY.match(host):
             raise _fail(f"unavailable[{i}]", entry, "must be a registry host[/path]", source)
 
+    fallback = _str_list(doc, "fallbackRegions", source, "") or ()
+    fallback = tuple(
+        _region(r, f"fallbackRegions[{i}]", source, facts) for i, r in enumerate(fallback)
+    )
     policy = Policy(
         region=region,
         repositories=repos,
@@ -268,6 +339,8 @@ def policy_from_mapping(
         unavailable=unavailable,
         prefer_cluster_region=_bool(doc, "preferClusterRegion", source),
         prefer_mirror=_bool(doc, "preferMirror", source),
+        fallback_regions=fallback,
+        probe=_probe(doc.get("probe"), source),
         source=source,
     )
     if region is not None:
@@ -279,6 +352,14 @@ def policy_from_mapping(
                     f"targets[{i}]", t.describe(),
                     f"is in partition {other}, the cluster region {region} in {want}; "
                     "a target is never used across partitions",
+                    source,
+                )  # fmt: skip
+        for i, r in enumerate(fallback):
+            if facts.partition_of(r) != want:
+                raise _fail(
+                    f"fallbackRegions[{i}]", r,
+                    f"is in partition {facts.partition_of(r)}, the cluster region {region} "
+                    f"in {want}; a fallback is never used across partitions",
                     source,
                 )  # fmt: skip
     if policy.prefer_mirror and not policy.mirrors:
@@ -298,7 +379,7 @@ def _targets(value: object, src: str, facts: ecr.EcrFacts) -> tuple[Target, ...]
             raise _fail(where, item, "must be a mapping with a type", src)
         kind = item.get("type")
         if kind == "mirror":
-            extra = set(item) - {"type", "registry", "prefix"}
+            extra = set(item) - {"type", "registry", "prefix", "pullThroughCache", "upstream"}
             if extra:
                 raise _fail(f"{where}.{sorted(extra)[0]}", item, "unknown field", src)
             registry = item.get("registry")
@@ -307,7 +388,18 @@ def _targets(value: object, src: str, facts: ecr.EcrFacts) -> tuple[Target, ...]
             prefix = item.get("prefix", "") or ""
             if not isinstance(prefix, str) or (prefix and not _PREFIX.match(prefix.strip("/"))):
                 raise _fail(f"{where}.prefix", prefix, "must be a lower-case repository path", src)
-            out.append(MirrorTarget(registry=registry, prefix=prefix.strip("/")))
+            ptc = item.get("pullThroughCache", False)
+            if not isinstance(ptc, bool):
+                raise _fail(f"{where}.pullThroughCache", ptc, "must be true or false", src)
+            upstream = item.get("upstream")
+            if upstream is not None and (
+                not isinstance(upstream, str) or not _REGISTRY.match(upstream)
+            ):
+                raise _fail(f"{where}.upstream", upstream, "must be a registry host", src)
+            if upstream is not None and not ptc:
+                raise _fail(f"{where}.upstream", upstream, "needs pullThroughCache: true", src)
+            out.append(MirrorTarget(registry=registry, prefix=prefix.strip("/"),
+                                    pull_through_cache=ptc, upstream=upstream))  # fmt: skip
         elif kind == "official":
             if set(item) - {"type"}:
                 raise _fail(where, item, "type official takes no other field", src)
@@ -320,6 +412,38 @@ def _targets(value: object, src: str, facts: ecr.EcrFacts) -> tuple[Target, ...]
         else:
             raise _fail(f"{where}.type", kind, "must be one of mirror, official, region", src)
     return tuple(out)
+
+
+def _seconds(value: object, field_: str, src: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low < value <= high:
+        raise _fail(field_, value, f"must be a number of seconds in ({low:g}, {high:g}]", src)
+    return float(value)
+
+
+def _probe(value: object, src: str) -> ProbeSettings:
+    """The ``probe:`` key: ``true``/``false`` or a mapping."""
+    if value is None:
+        return ProbeSettings()
+    if isinstance(value, bool):
+        return ProbeSettings(enabled=value)
+    if not isinstance(value, Mapping):
+        raise _fail("probe", value, "must be true, false or a mapping", src)
+    allowed = {"enabled", "timeoutSeconds", "positiveTTLSeconds", "negativeTTLSeconds"}
+    for key in value:
+        if key not in allowed:
+            raise _fail(f"probe.{key}", value[key], f"unknown field; allowed: {sorted(allowed)}",
+                        src)  # fmt: skip
+    enabled = value.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise _fail("probe.enabled", enabled, "must be true or false", src)
+    out: dict[str, float | None] = {}
+    for key, name, high in (("timeoutSeconds", "timeout", MAX_PROBE_BUDGET),
+                            ("positiveTTLSeconds", "positive_ttl", 86400.0),
+                            ("negativeTTLSeconds", "negative_ttl", 86400.0)):  # fmt: skip
+        out[name] = None if value.get(key) is None else _seconds(
+            value[key], f"probe.{key}", src, 0.0, high
+        )
+    return ProbeSettings(enabled, out["timeout"], out["positive_ttl"], out["negative_ttl"])
 
 
 def _target_partition(t: Target, facts: ecr.EcrFacts) -> str | None:

@@ -30,8 +30,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, NotRequired, TypedDict, cast
 
 from webhook.core.errors import ReviewError
+from webhook.core.imageref import ImageRef
 from webhook.core.patch import PatchOp, build_patch_checked
 from webhook.core.plan import CONTAINER_KINDS, PlanContext, PodPlan, plan_pod
+from webhook.core.plan import probe_requests as _pod_probe_requests
 from webhook.core.policy import ORIGINALS_ANNOTATION
 
 API_VERSIONS = ("admission.k8s.io/v1", "admission.k8s.io/v1beta1")
@@ -222,6 +224,21 @@ def admit(body: object, ctx: PlanContext) -> Outcome:
     return Outcome(
         response(api_version, uid, patch, warnings), decision, request, plan, patch, warnings
     )
+
+
+def probe_requests(body: object, ctx: PlanContext) -> tuple[ImageRef, ...]:
+    """The references ``admit(body, ctx)`` may consult, for the shell to probe first.
+
+    Raises ReviewError for a malformed envelope, exactly as ``admit`` does.
+    """
+    _, request = parse_review(body)
+    ok, kinds = in_scope(request)
+    pod = request.get("object")
+    if not ok or not isinstance(pod, Mapping):
+        return ()
+    meta = pod.get("metadata") if isinstance(pod.get("metadata"), Mapping) else {}
+    namespace = request.get("namespace") or (meta or {}).get("namespace")
+    return _pod_probe_requests(meta, pod.get("spec"), namespace, ctx, kinds)
 
 
 def _only_new(plan: PodPlan, old: object) -> PodPlan:
