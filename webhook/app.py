@@ -38,7 +38,7 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from webhook.auditlog import AuditLog, AuditSink
-from webhook.config import ServeConfig
+from webhook.config import MAX_BODY, ServeConfig
 from webhook.core import review
 from webhook.core.audit import build_record
 from webhook.core.errors import ReviewError
@@ -47,10 +47,6 @@ from webhook.logs import Log
 from webhook.metrics import Metrics
 from webhook.reload import CertificateHolder, PolicyHolder, policy_error_text
 
-# The kube-apiserver refuses request bodies over 3 MiB (apiserver
-# maxRequestBodyBytes default); an AdmissionReview can carry both object and
-# oldObject plus its envelope, so 7 MiB bounds every genuine review.
-MAX_BODY = 7 * 1024 * 1024
 # An oversized body up to this size is read and discarded before the 413, so
 # the client, still sending, gets the answer instead of a reset connection
 # (gunicorn drains at most 64 KiB of an unread body, then closes).

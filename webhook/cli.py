@@ -72,6 +72,8 @@ def dry_run(
     is_flag=True,
     help="Loopback certificate in certs/, serve on 127.0.0.1, print a webhook config.",
 )
+@click.option("--read-timeout", type=click.FloatRange(0.1, 300), default=5.0, show_default=True,
+              help="Seconds a request (headers and body) may take to arrive; then it is dropped.")
 @click.option("-v", "--verbosity", type=int, default=0, help="Log verbosity (klog-style v).")
 def serve(
     host: str,
@@ -85,6 +87,7 @@ def serve(
     workers: int,
     threads: int,
     dev: bool,
+    read_timeout: float,
     verbosity: int,
 ) -> None:
     """Serve /mutate over TLS with gunicorn (metrics on a plain-HTTP port)."""
@@ -104,6 +107,7 @@ def serve(
         threads=threads,
         dev=dev,
         log_verbosity=verbosity,
+        read_timeout=read_timeout,
     )
     sys.exit(run(config))
 

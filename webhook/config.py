@@ -9,6 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The kube-apiserver refuses request bodies over 3 MiB (apiserver
+# maxRequestBodyBytes default); an AdmissionReview can carry both object and
+# oldObject plus its envelope, so 7 MiB bounds every genuine review.
+MAX_BODY = 7 * 1024 * 1024
+
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -26,6 +31,11 @@ class ServeConfig:
     threads: int = 8
     dev: bool = False
     log_verbosity: int = 0
+    # A request (headers and body) must arrive within this many seconds of its
+    # first byte, or its connection is closed (webhook.server.WebhookWorker).
+    # The kube-apiserver sends a whole review at once; 5 s is what its own
+    # webhook timeout (timeoutSeconds, 5 in our configuration) allows anyway.
+    read_timeout: float = 5.0
     # Time the server may spend probing registries while answering one
     # AdmissionReview.  The MutatingWebhookConfiguration's timeoutSeconds (5)
     # must exceed it; tests/test_manifests.py keeps the two in step.
