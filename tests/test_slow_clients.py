@@ -79,6 +79,23 @@ def request_head(length: int, *, chunked: bool = False) -> bytes:
             + framing + b"\r\n\r\n")  # fmt: skip
 
 
+def read_response(sock: socket.socket) -> bytes:
+    """One whole response (headers and its Content-Length body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        more = sock.recv(65536)
+        assert more, data
+        data += more
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")))  # fmt: skip
+    while len(body) < length:
+        more = sock.recv(65536)
+        assert more, data
+        body += more
+    return head + b"\r\n\r\n" + body
+
+
 def closed_by_server(sock: socket.socket, within: float) -> bool:
     """Whether the server closes ``sock`` (EOF or reset) within ``within`` seconds."""
     sock.settimeout(within)
@@ -174,3 +191,22 @@ def test_a_request_stalled_after_the_handshake_on_a_kept_alive_connection_is_dro
         s.recv(1 << 20)  # the rest of the answer
         s.sendall(request_head(1000) + b"{")
         assert closed_by_server(s, READ_TIMEOUT + 10)
+
+
+def test_a_chunked_body_over_the_limit_gets_413_like_a_declared_one(server: Server) -> None:
+    """Issue 11, item 3: chunked bodies used to be cut at 7 MiB and answered 400."""
+    from webhook.config import MAX_BODY
+
+    big = admission_review()
+    big["request"]["object"]["metadata"]["annotations"] = {"x": "y" * (MAX_BODY + 1024)}
+    body = json.dumps(big).encode()
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 65536]), body[i:i + 65536])
+                      for i in range(0, len(body), 65536)) + b"0\r\n\r\n"  # fmt: skip
+    with server.tls() as s:
+        s.sendall(request_head(0, chunked=True) + chunks)
+        s.settimeout(APISERVER_TIMEOUT)
+        answer = read_response(s)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    status_doc = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert status_doc["code"] == 413 and status_doc["reason"] == "RequestEntityTooLarge"
+    assert "chunked body is over the limit" in status_doc["message"]
