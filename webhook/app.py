@@ -27,7 +27,6 @@ where the kubelet probes them with ``scheme: HTTPS``.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -39,7 +38,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from webhook.auditlog import AuditLog, AuditSink
 from webhook.config import MAX_BODY, ServeConfig
-from webhook.core import review
+from webhook.core import jsonc, review
 from webhook.core.audit import build_record
 from webhook.core.errors import ReviewError
 from webhook.core.plan import Oracle, PlanContext
@@ -114,9 +113,9 @@ def decode(read_timeout: float = 5.0) -> object:
             _discard(stream, DRAIN_LIMIT - len(raw), deadline)
             raise BodyProblem(413, f"chunked body is over the limit of {MAX_BODY} bytes")
     else:
-        raw = request.get_data(cache=False)
+        raw = _read_at_most(stream, length)  # wsgi.input itself: no werkzeug wrapper
     try:
-        return json.loads(raw)
+        return jsonc.loads(raw)
     except (ValueError, RecursionError) as exc:
         raise BodyProblem(400, f"the body is not valid JSON: {exc}") from None
 
@@ -262,7 +261,7 @@ def create_app(
         try:
             ans = answer()
             document = ans.outcome.review if ans.outcome is not None else ans.document
-            payload = json.dumps(document, separators=(",", ":"))
+            payload = jsonc.dumps(document)
             try:
                 record(ans, received, time.perf_counter() - started)
             except Exception as exc:  # recording never fails an answer

@@ -40,13 +40,14 @@ Targets:
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import select
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Protocol
+
+from webhook.core import jsonc
 
 STDOUT = "-"
 PIPE_BUF = getattr(select, "PIPE_BUF", 4096)
@@ -58,7 +59,7 @@ class AuditSink(Protocol):
 
 def encode(record: Mapping[str, Any]) -> bytes:
     """One record as one line of compact JSON (no newline inside: JSON escapes it)."""
-    return json.dumps(record, separators=(",", ":"), default=str).encode() + b"\n"
+    return jsonc.dumps(record) + b"\n"
 
 
 def _write_all(fd: int, data: bytes) -> None:
