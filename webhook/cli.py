@@ -57,7 +57,7 @@ def dry_run(
 
 
 @cli.command()
-@click.option("--host", default="0.0.0.0", show_default=True)
+@click.option("--host", default="0.0.0.0", show_default=True)  # nosec B104  # hostNetwork; the apiserver dials the node's address
 @click.option("--port", type=PORT, default=8443, show_default=True)
 @click.option("--metrics-port", type=PORT, default=9090, show_default=True)
 @click.option("--cert-file", default="/etc/ecr-webhook/tls/tls.crt", show_default=True)
@@ -74,6 +74,7 @@ def dry_run(
 )
 @click.option("--read-timeout", type=click.FloatRange(0.1, 300), default=5.0, show_default=True,
               help="Seconds a request (headers and body) may take to arrive; then it is dropped.")
+@click.option("--client-ca", help="PEM CA file: require client certificates it signed (mTLS).")
 @click.option("-v", "--verbosity", type=int, default=0, help="Log verbosity (klog-style v).")
 def serve(
     host: str,
@@ -88,6 +89,7 @@ def serve(
     threads: int,
     dev: bool,
     read_timeout: float,
+    client_ca: str | None,
     verbosity: int,
 ) -> None:
     """Serve /mutate over TLS with gunicorn (metrics on a plain-HTTP port)."""
@@ -108,6 +110,7 @@ def serve(
         dev=dev,
         log_verbosity=verbosity,
         read_timeout=read_timeout,
+        client_ca=client_ca,
     )
     sys.exit(run(config))
 

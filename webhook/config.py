@@ -17,7 +17,7 @@ MAX_BODY = 7 * 1024 * 1024
 
 @dataclass(frozen=True)
 class ServeConfig:
-    host: str = "0.0.0.0"
+    host: str = "0.0.0.0"  # nosec B104  # hostNetwork; the apiserver dials the node's address
     port: int = 8443
     metrics_port: int = 9090
     cert_file: str = "/etc/ecr-webhook/tls/tls.crt"
@@ -36,6 +36,8 @@ class ServeConfig:
     # The kube-apiserver sends a whole review at once; 5 s is what its own
     # webhook timeout (timeoutSeconds, 5 in our configuration) allows anyway.
     read_timeout: float = 5.0
+    # PEM CA bundle: when set, clients must present a certificate it signed.
+    client_ca: str | None = None
     # Time the server may spend probing registries while answering one
     # AdmissionReview.  The MutatingWebhookConfiguration's timeoutSeconds (5)
     # must exceed it; tests/test_manifests.py keeps the two in step.

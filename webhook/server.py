@@ -51,6 +51,7 @@ import selectors
 import shutil
 import socket
 import ssl
+import stat
 import tempfile
 import threading
 import time
@@ -473,6 +474,22 @@ def _use_multiprocess_values() -> None:
     values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
 
 
+def check_key_mode(key_file: str) -> None:
+    """Refuse a private key that every local user may read or write.
+
+    ``certs generate`` writes 0600; the Deployment mounts the Secret with
+    ``defaultMode: 0440`` (owner and the pod's fsGroup), which passes.  A key
+    readable by "other" is as good as published on that machine.  Checked at
+    start only: a rotated Secret keeps the volume's mode.
+    """
+    mode = stat.S_IMODE(os.stat(key_file).st_mode)
+    if mode & 0o007:
+        raise ConfigError(
+            f"--key-file {key_file}: mode {mode:04o} lets every user read or write the "
+            f"private key; chmod 600 it (or 0440 with a group, as the Secret volume does)"
+        )
+
+
 def validate(config: ServeConfig) -> str | None:
     """Everything that can be checked before forking; raises EcrWebhookError.
 
@@ -482,7 +499,8 @@ def validate(config: ServeConfig) -> str | None:
         raise ConfigError(
             f"--workers {config.workers} --threads {config.threads}: both must be >= 1"
         )
-    load_certificate(config.cert_file, config.key_file)
+    load_certificate(config.cert_file, config.key_file, config.client_ca)
+    check_key_mode(config.key_file)
     region = build_context(config.policy_file, config.region, os.environ).cluster.region
     if config.audit_log != "-":
         try:
@@ -529,7 +547,8 @@ def run(
         _use_multiprocess_values()
         from webhook import metrics  # prometheus_client: after the env var
 
-        certificate = CertificateHolder(config.cert_file, config.key_file)
+        certificate = CertificateHolder(config.cert_file, config.key_file,
+                                        client_ca=config.client_ca)  # fmt: skip
 
         def load() -> WSGIApp:
             if app_factory is not None:

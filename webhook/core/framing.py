@@ -65,7 +65,7 @@ class RequestScanner:
             self._pos = self._body_start
         if self._chunked:
             return self._scan_chunked(buf)
-        assert self._length is not None
+        assert self._length is not None  # nosec B101  # set with the headers; mypy narrowing
         if len(buf) >= self._body_start + self._length:
             self.end = self._body_start + self._length
             return Frame.COMPLETE

@@ -326,7 +326,7 @@ def _judge(name: str, path: str, image: str, ctx: PlanContext) -> Decision:
                 f"{verdict.detail}; no target in the policy can serve it",
             )  # fmt: skip
         target, rule = chosen
-        assert verdict.reason is not None
+        assert verdict.reason is not None  # nosec B101  # a rewrite verdict has a reason; mypy narrowing
         return Decision(
             name, path, image, Action.REWRITE, verdict.reason, str(target), rule, verdict.detail
         )
