@@ -2,8 +2,9 @@
 
 Run from the repository root (Debian: ``apt-get install -y hey``)::
 
-    .venv/bin/python bench/load.py                 # throughput + storm, about 100 s
+    .venv/bin/python bench/load.py                 # throughput + storms, about 2 min
     .venv/bin/python bench/load.py --control       # also show stock gthread stalling
+    .venv/bin/python bench/load.py --soak 600      # 10 min at 200 admissions/s, RSS, audit
 
 1. **Throughput.**  A realistic aws-node AdmissionReview (three containers,
    602401143452 images in ap-southeast-4) is POSTed with keep-alive to
@@ -12,11 +13,16 @@ Run from the repository root (Debian: ``apt-get install -y hey``)::
    a canned-answer app) answering a canned "allowed" review.  The rounds
    alternate so drift on this shared 2-core machine hits both alike; the ratio
    is of the median requests per second.  Target: ratio >= 0.85, no non-200.
-2. **Connection storm.**  128 concurrent keep-alive TLS connections for 10 s
-   against ``serve`` with its default settings, client timeout 10 s (the
-   kube-apiserver's default webhook timeout).  Target: zero timeouts, zero errors.
-3. ``--control``: the same storm against the floor app on gunicorn's stock
+2. **Connection storms.**  128, then 512 concurrent keep-alive TLS
+   connections for 10 s each against ``serve`` with its default settings,
+   client timeout 10 s (the kube-apiserver's default webhook timeout).
+   Target: zero timeouts, zero errors.
+3. ``--control``: the first storm against the floor app on gunicorn's stock
    ``gthread`` worker, to show the stall the default configuration avoids.
+4. ``--soak SECONDS`` (alone): ``--rate`` (200) admissions/s, each with its
+   own uid (tests/loadgen.py), against ``serve`` with its default settings:
+   p50/p99, RSS (master + workers) at the start and the end (growth < 10 %),
+   zero errors, one audit record per admission answered, every uid once.
 
 hey itself runs on the same two cores, so absolute figures are modest; the
 ratio and the storm outcome are what the issue asks for.  Figures only: this
@@ -28,19 +34,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
+import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.loadgen import HeyResult, audit_ids, body_template, hey, paced, rss_kib  # noqa: E402
 from tests.serving import (  # noqa: E402
     REGION,
     ServerProcess,
@@ -52,70 +57,6 @@ from tests.serving import (  # noqa: E402
 )
 from webhook import certs  # noqa: E402
 from webhook.config import ServeConfig  # noqa: E402
-
-
-@dataclass
-class HeyResult:
-    rps: float = 0.0
-    p50: float = 0.0
-    p99: float = 0.0
-    statuses: dict[str, int] = field(default_factory=dict)
-    errors: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> int:
-        return self.statuses.get("200", 0)
-
-    @property
-    def non_200(self) -> int:
-        return sum(n for code, n in self.statuses.items() if code != "200")
-
-    @property
-    def failed(self) -> int:
-        return sum(self.errors.values())
-
-    @property
-    def timeouts(self) -> int:
-        return sum(n for msg, n in self.errors.items() if "deadline" in msg or "imeout" in msg)
-
-
-def parse_hey(text: str) -> HeyResult:
-    r = HeyResult()
-    if m := re.search(r"Requests/sec:\s+([\d.]+)", text):
-        r.rps = float(m.group(1))
-    if m := re.search(r"\s50%+ in ([\d.]+) secs", text):
-        r.p50 = float(m.group(1))
-    if m := re.search(r"\s99%+ in ([\d.]+) secs", text):
-        r.p99 = float(m.group(1))
-    for code, n in re.findall(r"^\s+\[(\d{3})\]\s+(\d+) responses", text, re.M):
-        r.statuses[code] = int(n)
-    if "Error distribution:" in text:
-        for n, msg in re.findall(r"^\s+\[(\d+)\]\s+(.+)$", text.split("Error distribution:")[1],
-                                 re.M):  # fmt: skip
-            r.errors[msg.strip()] = r.errors.get(msg.strip(), 0) + int(n)
-    return r
-
-
-def hey(port: int, body: Path, seconds: int, connections: int, timeout: int = 20) -> HeyResult:
-    argv = [
-        "hey",
-        "-z",
-        f"{seconds}s",
-        "-c",
-        str(connections),
-        "-t",
-        str(timeout),
-        "-m",
-        "POST",
-        "-T",
-        "application/json",
-        "-D",
-        str(body),
-        f"https://127.0.0.1:{port}/mutate",
-    ]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=False)
-    return parse_hey(out.stdout + out.stderr)
-
 
 # ------------------------------------------------------------------ the floor server
 
@@ -191,14 +132,69 @@ def storm_report(name: str, r: HeyResult) -> str:
             f"p50 {r.p50 * 1000:.1f} ms, p99 {r.p99 * 1000:.1f} ms")  # fmt: skip
 
 
+def soak(tmp: Path, seconds: int, rate: float, procs: list[ServerProcess]) -> bool:
+    """``--soak``: ``rate`` admissions/s for ``seconds`` against ``serve`` (default settings).
+
+    Every request has its own uid (tests/loadgen.py); after a 20 s warm-up, RSS
+    (master + workers) is sampled at the start and the end.  Targets: zero
+    errors, RSS growth under 10 %, one audit record per admission answered.
+    """
+    webhook, port = start_webhook(tmp, None, None)
+    procs.append(webhook)
+    ctx = apiserver_tls_context(tmp / "ca.crt")
+    template = body_template(admission_review(aws_node_pod()))
+    warm = paced(port, ctx, template, rate=rate, seconds=20, prefix="warm")
+    rss_start = rss_kib(webhook.proc.pid)
+    print(f"soak: {rate:.0f} admissions/s for {seconds} s over 8 keep-alive TLS connections, "
+          f"after a 20 s warm-up ({warm.summary()})")  # fmt: skip
+    samples = [(0.0, rss_start)]
+    result = None
+    began = time.monotonic()
+    # In slices of at most 60 s, so RSS is sampled along the way.
+    parts = []
+    left = seconds
+    while left > 0:
+        part = paced(port, ctx, template, rate=rate, seconds=min(60, left), prefix=f"s{left}")
+        parts.append(part)
+        left -= min(60, left)
+        samples.append((time.monotonic() - began, rss_kib(webhook.proc.pid)))
+        t, rss = samples[-1]
+        print(f"  t={t:5.0f} s  RSS {rss / 1024:6.1f} MiB  {part.summary()}")
+    result = parts[0]
+    for part in parts[1:]:
+        result.sent += part.sent
+        result.answered += part.answered
+        result.latencies += part.latencies
+        result.errors += part.errors
+        result.seconds += part.seconds
+    rss_end = samples[-1][1]
+    growth = (rss_end - rss_start) / rss_start
+    webhook.stop()
+    ids = audit_ids(tmp / "audit.log")
+    wanted = set(warm.answered) | set(result.answered)
+    once = len(ids) == len(set(ids))
+    complete = set(ids) == wanted and len(ids) == len(warm.answered) + len(result.answered)
+    print(f"  total: {result.summary()}")
+    print(f"  RSS start {rss_start / 1024:.1f} MiB, end {rss_end / 1024:.1f} MiB, "
+          f"growth {growth * 100:+.1f} % (target < 10 %)")  # fmt: skip
+    print(f"  audit: {len(ids)} records for {len(wanted)} admissions answered, "
+          f"every uid once: {once}, complete: {complete}")  # fmt: skip
+    for e in sorted(set(result.errors))[:5]:
+        print(f"  error: {e}")
+    return not result.errors and growth < 0.10 and once and complete
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--duration", type=int, default=10, help="seconds per throughput round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--connections", type=int, default=16, help="keep-alive connections")
-    p.add_argument("--storm-connections", type=int, default=128)
+    p.add_argument("--storm-connections", type=int, nargs="+", default=[128, 512])
     p.add_argument("--storm-duration", type=int, default=10)
     p.add_argument("--control", action="store_true", help="also storm stock gthread")
+    p.add_argument("--soak", type=int, metavar="SECONDS",
+                   help="only the soak: this long at --rate admissions/s (600 for the figure)")
+    p.add_argument("--rate", type=float, default=200.0, help="soak admissions per second")
     # internal: serve the floor app
     p.add_argument("--floor-server", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -217,6 +213,16 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="ecr-webhook-bench-"))
     certs.write_bundle(certs.build_certificate(["localhost"], ["127.0.0.1"]), tmp)
+    if args.soak:
+        procs_: list[ServerProcess] = []
+        try:
+            met = soak(tmp, args.soak, args.rate, procs_)
+        finally:
+            for proc in procs_:
+                proc.stop()
+            shutil.rmtree(tmp, ignore_errors=True)
+        print("targets met" if met else "TARGET MISSED")
+        return 0 if met else 1
     body = tmp / "review.json"
     body.write_text(json.dumps(admission_review(aws_node_pod())))
     ok = True
@@ -264,20 +270,19 @@ def main(argv: list[str] | None = None) -> int:
         )
         ok &= ratio >= 0.85 and non200 == 0 and records == answered
 
-        print(
-            f"connection storm: {args.storm_connections} keep-alive TLS connections, "
-            f"{args.storm_duration} s, client timeout 10 s"
-        )
-        webhook, wport = start_webhook(tmp, None, None)
-        procs.append(webhook)
-        storm = hey(wport, body, args.storm_duration, args.storm_connections, timeout=10)
-        webhook.stop()
-        print(storm_report("serve (default settings)", storm))
-        ok &= storm.ok > 0 and storm.failed == 0 and storm.non_200 == 0
+        for connections in args.storm_connections:
+            print(f"connection storm: {connections} keep-alive TLS connections, "
+                  f"{args.storm_duration} s, client timeout 10 s")  # fmt: skip
+            webhook, wport = start_webhook(tmp, None, None)
+            procs.append(webhook)
+            storm = hey(wport, body, args.storm_duration, connections, timeout=10)
+            webhook.stop()
+            print(storm_report("serve (default settings)", storm))
+            ok &= storm.ok > 0 and storm.failed == 0 and storm.non_200 == 0
         if args.control:
             floor, fport = start_floor(tmp, 2, 8, stock=True)
             procs.append(floor)
-            control = hey(fport, body, args.storm_duration, args.storm_connections, timeout=10)
+            control = hey(fport, body, args.storm_duration, args.storm_connections[0], timeout=10)
             floor.stop()
             print(storm_report("control: floor app on stock gthread, 2x8", control))
     finally:
