@@ -255,6 +255,11 @@ def main(argv: list[str] | None = None) -> int:
             f" median: floor {f_rps:.1f} req/s, webhook {w_rps:.1f} req/s, "
             f"ratio {ratio:.2f} (target >= 0.85), webhook non-200/errors {non200}"
         )
+        # Each round's pair ran back to back, so its ratio is less exposed to the
+        # load other jobs put on the shared cores than the ratio of medians.
+        paired = [h.rps / f.rps for f, h in zip(floors, hooks, strict=True) if f.rps]
+        print(f"   per-round ratios {' '.join(f'{x:.2f}' for x in paired)}; "
+              f"median {statistics.median(paired) if paired else 0.0:.2f}")  # fmt: skip
         print(
             f"   p50 floor {statistics.median(r.p50 for r in floors) * 1000:.2f} ms, "
             f"webhook {statistics.median(r.p50 for r in hooks) * 1000:.2f} ms;  "
