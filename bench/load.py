@@ -94,15 +94,21 @@ def serve_floor(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ orchestration
 
 
-def start_webhook(tmp: Path, workers: int | None, threads: int | None) -> tuple[ServerProcess, int]:
+def start_webhook(tmp: Path, workers: int | None, threads: int | None,
+                  audit: str = "file") -> tuple[ServerProcess, int]:  # fmt: skip
+    """``serve``; audit records to ``tmp/audit.log`` (``--audit-log``, rotated) or,
+    with ``audit="stdout"``, to its standard output (the default, what a container
+    runs), which is sent to ``tmp/audit.stdout``."""
     port = free_port()
     argv = [*ecr_webhook(), "serve", "--host", "127.0.0.1", "--port", str(port),
             "--metrics-port", str(free_port()), "--cert-file", str(tmp / "tls.crt"),
-            "--key-file", str(tmp / "tls.key"), "--region", REGION,
-            "--audit-log", str(tmp / "audit.log")]  # fmt: skip
+            "--key-file", str(tmp / "tls.key"), "--region", REGION]  # fmt: skip
+    if audit == "file":
+        argv += ["--audit-log", str(tmp / "audit.log")]
     if workers is not None:
         argv += ["--workers", str(workers), "--threads", str(threads)]
-    proc = ServerProcess(argv, stderr=tmp / f"webhook-{port}.err")
+    stdout = tmp / "audit.stdout" if audit == "stdout" else None
+    proc = ServerProcess(argv, stdout=stdout, stderr=tmp / f"webhook-{port}.err")
     proc.wait_ready(port, apiserver_tls_context(tmp / "ca.crt"))
     return proc, port
 
@@ -198,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--soak", type=int, metavar="SECONDS",
                    help="only the soak: this long at --rate admissions/s (600 for the figure)")
     p.add_argument("--rate", type=float, default=200.0, help="soak admissions per second")
+    p.add_argument("--audit", choices=["file", "stdout"], default="file",
+                   help="throughput rounds: audit to a rotated file, or to stdout (the "
+                        "default of serve, what a container runs)")  # fmt: skip
     # internal: serve the floor app
     p.add_argument("--floor-server", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -233,9 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(
             f"throughput: {args.rounds} alternating rounds of {args.duration} s, "
-            f"{args.connections} keep-alive TLS connections, --workers 2 --threads 4"
+            f"{args.connections} keep-alive TLS connections, --workers 2 --threads 4, "
+            f"audit to {args.audit}"
         )
-        webhook, wport = start_webhook(tmp, 2, 4)
+        webhook, wport = start_webhook(tmp, 2, 4, audit=args.audit)
         floor, fport = start_floor(tmp, 2, 4)
         procs += [webhook, floor]
         hey(fport, body, 2, args.connections)  # warm up both
@@ -269,9 +279,10 @@ def main(argv: list[str] | None = None) -> int:
         answered = warm.ok + sum(r.ok for r in hooks)
         webhook.stop()
         floor.stop()
-        records = sum(1 for _ in (tmp / "audit.log").open()) + sum(
-            1 for f in tmp.glob("audit.log.*") if f.suffix != ".lock" for _ in f.open()
-        )
+        if args.audit == "stdout":
+            records = len(audit_ids(tmp / "audit.stdout"))
+        else:
+            records = len(audit_ids(tmp / "audit.log"))
         print(
             f"   audit records {records} for {answered} answers of 200 "
             f"({'complete' if records == answered else 'MISMATCH'})"
