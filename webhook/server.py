@@ -172,7 +172,9 @@ class WebhookWorker(gthread.ThreadWorker):  # type: ignore[misc]
 
     def _step(self, conn: Any) -> None:
         """Make what progress the socket allows, then wait in the poller or dispatch."""
-        state = self._reading[conn]
+        state = self._reading.get(conn)
+        if state is None:
+            return  # dropped (deadline) while a deferred step was queued
         try:
             if not conn.initialized and not self._handshake(conn, state):
                 return
@@ -199,7 +201,9 @@ class WebhookWorker(gthread.ThreadWorker):  # type: ignore[misc]
             # A fast large body: continue on the next turn (TLS may hold
             # decrypted bytes the poller would not see, so no wait here).
             self.method_queue.defer(self._step, conn)
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        except Exception as exc:  # a client must never take the worker down
+            # ssl.SSLError and resets are OSErrors; anything else (a certificate
+            # the hook cannot give) is as much a reason to drop this connection.
             self._drop(conn, f"{type(exc).__name__}: {exc}")
 
     def _handshake(self, conn: Any, state: _Reading) -> bool:
