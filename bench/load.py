@@ -45,7 +45,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.loadgen import HeyResult, audit_ids, body_template, hey, paced, rss_kib  # noqa: E402
+from tests.loadgen import (  # noqa: E402
+    HeyResult,
+    audit_ids,
+    body_template,
+    cpu_seconds,
+    hey,
+    paced,
+    rss_kib,
+)
 from tests.serving import (  # noqa: E402
     REGION,
     ServerProcess,
@@ -250,13 +258,24 @@ def main(argv: list[str] | None = None) -> int:
         procs += [webhook, floor]
         hey(fport, body, 2, args.connections)  # warm up both
         warm = hey(wport, body, 2, args.connections)
-        floors, hooks = [], []
+        floors: list[HeyResult] = []
+        hooks: list[HeyResult] = []
+        # Server CPU time per answer (master + workers, /proc): less exposed to
+        # other jobs on the shared cores than requests per second, and a lower
+        # bound of the throughput ratio (hey's own CPU per request is the same
+        # for both servers and is not counted).
+        floor_cpu: list[float] = []
+        hook_cpu: list[float] = []
         for i in range(args.rounds):
-            floors.append(hey(fport, body, args.duration, args.connections))
-            hooks.append(hey(wport, body, args.duration, args.connections))
+            for proc, port, out, cpu in ((floor, fport, floors, floor_cpu),
+                                         (webhook, wport, hooks, hook_cpu)):  # fmt: skip
+                before = cpu_seconds(proc.proc.pid)
+                out.append(hey(port, body, args.duration, args.connections))
+                used = cpu_seconds(proc.proc.pid) - before
+                cpu.append(used / max(out[-1].ok, 1) * 1e6)
             print(f" round {i + 1}")
-            print(line("floor", floors[-1]))
-            print(line("webhook", hooks[-1]))
+            print(line("floor", floors[-1]) + f"   server CPU {floor_cpu[-1]:5.0f} us/req")
+            print(line("webhook", hooks[-1]) + f"   server CPU {hook_cpu[-1]:5.0f} us/req")
         f_rps = statistics.median(r.rps for r in floors)
         w_rps = statistics.median(r.rps for r in hooks)
         ratio = w_rps / f_rps if f_rps else 0.0
@@ -270,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         paired = [h.rps / f.rps for f, h in zip(floors, hooks, strict=True) if f.rps]
         print(f"   per-round ratios {' '.join(f'{x:.2f}' for x in paired)}; "
               f"median {statistics.median(paired) if paired else 0.0:.2f}")  # fmt: skip
+        f_cpu, w_cpu = statistics.median(floor_cpu), statistics.median(hook_cpu)
+        print(f"   server CPU per answer: floor {f_cpu:.0f} us, webhook {w_cpu:.0f} us, "
+              f"ratio {f_cpu / w_cpu if w_cpu else 0.0:.2f}")  # fmt: skip
         print(
             f"   p50 floor {statistics.median(r.p50 for r in floors) * 1000:.2f} ms, "
             f"webhook {statistics.median(r.p50 for r in hooks) * 1000:.2f} ms;  "

@@ -191,14 +191,31 @@ def paced(port: int, ctx: ssl.SSLContext, template: bytes, *, rate: float, secon
     return result
 
 
-def rss_kib(master: int) -> int:
-    """Resident memory of a gunicorn master and its worker processes, in KiB."""
+def _family(master: int) -> list[int]:
     pids = [master]
     children = Path(f"/proc/{master}/task/{master}/children")
     if children.exists():
         pids += [int(p) for p in children.read_text().split()]
+    return pids
+
+
+def cpu_seconds(master: int) -> float:
+    """User + system CPU time of a gunicorn master and its workers (from /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK")
     total = 0
-    for pid in pids:
+    for pid in _family(master):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (proc(5) fields 14, 15)
+    return total / ticks
+
+
+def rss_kib(master: int) -> int:
+    """Resident memory of a gunicorn master and its worker processes, in KiB."""
+    total = 0
+    for pid in _family(master):
         try:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
