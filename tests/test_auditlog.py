@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import subprocess
 import sys
 import threading
@@ -113,3 +114,34 @@ def test_stdout_pipe_records_are_whole(tmp_path: Path, pad: int) -> None:
     ids = [json.loads(line)["auditID"] for line in lines]
     assert len(ids) == 4 * 3 * 100
     assert len(set(ids)) == len(ids)
+
+
+def test_threads_writing_through_rotations_lose_nothing_and_leak_no_descriptor(
+    tmp_path: Path,
+) -> None:
+    """Descriptors replaced after a rotation are closed once no thread writes through them."""
+
+    fds_before = len(os.listdir("/proc/self/fd"))
+    log = AuditLog(str(tmp_path / "audit.log"), max_bytes=4096, backups=1000)
+    errors: list[BaseException] = []
+
+    def writer(t: int) -> None:
+        try:
+            for i in range(300):
+                log.write({"auditID": f"{t}-{i}", "pad": "x" * 100})
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert not errors
+    assert len(log.files()) > 10  # it rotated many times
+    ids = [json.loads(line)["auditID"] for f in log.files()
+           for line in Path(f).read_text().splitlines()]  # fmt: skip
+    assert sorted(ids) == sorted(f"{t}-{i}" for t in range(8) for i in range(300))
+    assert log._writers == 0 and log._retired == []  # every replaced descriptor closed
+    log.close()
+    assert len(os.listdir("/proc/self/fd")) == fds_before

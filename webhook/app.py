@@ -27,7 +27,6 @@ where the kubelet probes them with ``scheme: HTTPS``.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -39,8 +38,8 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from webhook.auditlog import AuditLog, AuditSink
-from webhook.config import ServeConfig
-from webhook.core import review
+from webhook.config import MAX_BODY, ServeConfig
+from webhook.core import jsonc, review
 from webhook.core.audit import build_record
 from webhook.core.ecr import DATA_VERSION
 from webhook.core.errors import ReviewError
@@ -55,10 +54,6 @@ from webhook.reload import (
     policy_error_text,
 )
 
-# The kube-apiserver refuses request bodies over 3 MiB (apiserver
-# maxRequestBodyBytes default); an AdmissionReview can carry both object and
-# oldObject plus its envelope, so 7 MiB bounds every genuine review.
-MAX_BODY = 7 * 1024 * 1024
 # An oversized body up to this size is read and discarded before the 413, so
 # the client, still sending, gets the answer instead of a reset connection
 # (gunicorn drains at most 64 KiB of an unread body, then closes).
@@ -100,29 +95,62 @@ def status_document(code: int, message: str) -> dict[str, Any]:
     }
 
 
-def decode() -> object:
-    """The JSON body of the current request.  Raises BodyProblem."""
+def decode(read_timeout: float = 5.0) -> object:
+    """The JSON body of the current request.  Raises BodyProblem.
+
+    A body over ``MAX_BODY`` gets 413 whether its length is declared
+    (``Content-Length``) or only found while reading (chunked); the excess is
+    read and discarded for at most ``read_timeout`` seconds first, so a client
+    still sending sees the answer rather than a reset.
+    """
     if request.mimetype != JSON:
         shown = request.content_type or "(none)"
         raise BodyProblem(415, f"Content-Type must be {JSON}, got {shown}")
+    stream = request.environ["wsgi.input"]
     length = request.content_length
+    deadline = time.monotonic() + read_timeout
     if length is not None and length > MAX_BODY:
         if length <= DRAIN_LIMIT:
-            _discard(request.environ["wsgi.input"], length)
+            _discard(stream, length, deadline)
         raise BodyProblem(413, f"body of {length} bytes is over the limit of {MAX_BODY}")
-    raw = request.get_data(cache=False)
+    if length is None:
+        # Chunked: no length up front.  Werkzeug would silently cut the stream
+        # at MAX_CONTENT_LENGTH (then "not valid JSON"), so read it here, one
+        # byte past the limit at most.
+        raw = _read_at_most(stream, MAX_BODY + 1)
+        if len(raw) > MAX_BODY:
+            _discard(stream, DRAIN_LIMIT - len(raw), deadline)
+            raise BodyProblem(413, f"chunked body is over the limit of {MAX_BODY} bytes")
+    else:
+        raw = _read_at_most(stream, length)  # wsgi.input itself: no werkzeug wrapper
     try:
-        return json.loads(raw)
+        return jsonc.loads(raw)
     except (ValueError, RecursionError) as exc:
         raise BodyProblem(400, f"the body is not valid JSON: {exc}") from None
 
 
-def _discard(stream: Any, length: int) -> None:
-    while length > 0:
-        chunk = stream.read(min(length, 64 * 1024))
+def _read_at_most(stream: Any, limit: int) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = stream.read(min(limit - size, 1024 * 1024))
         if not chunk:
-            return
-        length -= len(chunk)
+            break
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)
+
+
+def _discard(stream: Any, length: int, deadline: float) -> None:
+    """Read and drop up to ``length`` bytes, until ``deadline`` (monotonic) at most."""
+    try:
+        while length > 0 and time.monotonic() < deadline:
+            chunk = stream.read(min(length, 64 * 1024))
+            if not chunk:
+                return
+            length -= len(chunk)
+    except OSError:  # the socket's own timeout, or the client went away
+        return
 
 
 def _map_exception(body: object, exc: Exception) -> Answer:
@@ -264,7 +292,7 @@ def create_app(
     def answer() -> Answer:
         body: object = None
         try:
-            body = decode()
+            body = decode(config.read_timeout)
             return Answer(200, {}, admit(body, policy.context()))
         except Exception as exc:  # mapped in one place, never re-raised
             return _map_exception(body, exc)
@@ -308,7 +336,7 @@ def create_app(
         try:
             ans = answer()
             document = ans.outcome.review if ans.outcome is not None else ans.document
-            payload = json.dumps(document, separators=(",", ":"))
+            payload = jsonc.dumps(document)
             try:
                 record(ans, received, time.perf_counter() - started)
             except Exception as exc:  # recording never fails an answer

@@ -49,13 +49,14 @@ holds whole lines only, before, during and after the disk is full.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import select
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Protocol
+
+from webhook.core import jsonc
 
 STDOUT = "-"
 PIPE_BUF = getattr(select, "PIPE_BUF", 4096)
@@ -67,7 +68,7 @@ class AuditSink(Protocol):
 
 def encode(record: Mapping[str, Any]) -> bytes:
     """One record as one line of compact JSON (no newline inside: JSON escapes it)."""
-    return json.dumps(record, separators=(",", ":"), default=str).encode() + b"\n"
+    return jsonc.dumps(record) + b"\n"
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -122,8 +123,13 @@ class AuditLog:
         self.max_bytes = max_bytes
         self.backups = backups
         self._thread_lock = threading.Lock()
+        # Bookkeeping of the file descriptor, held for a few bytecodes only and
+        # never across a system call (see write()).
+        self._fd_lock = threading.Lock()
         self._fd: int | None = None
         self._ino: int | None = None
+        self._writers = 0  # threads writing through a descriptor handed out
+        self._retired: list[int] = []  # replaced descriptors, closed once unused
         if lock_file is None and target != STDOUT:
             lock_file = target + ".lock"
         self._lock_fd = (
@@ -146,16 +152,20 @@ class AuditLog:
                 with self._locked():
                     _write_all(1, data)
             return
-        # The thread lock (not the inter-process one) is held across choosing the
-        # descriptor and writing, so a descriptor is closed only when no thread
-        # of this process can be writing through it.  An earlier version kept
-        # "stale" descriptors open for a while instead, and lost the records of a
-        # thread whose descriptor was closed under it (tests/test_auditlog.py).
-        with self._thread_lock:
-            fd = self._current_fd()
+        # A descriptor is closed only when no thread of this process can be
+        # writing through it: one replaced after a rotation is retired, and
+        # closed once the count of writers drops to zero.  An earlier version
+        # closed stale descriptors after a while instead and lost the records of
+        # a thread whose descriptor was closed under it (tests/test_auditlog.py);
+        # the previous one held a lock across the stat and the write, and the
+        # threads of a worker queued on it (17 % of a busy worker's samples,
+        # py-spy), each woken thread then waiting for the GIL as well.
+        fd, size = self._acquire_fd()
+        try:
             _write_whole(fd, data)
-            full = self.rotates and os.fstat(fd).st_size >= self.max_bytes
-        if full:
+        finally:
+            self._release_fd()
+        if self.rotates and size + len(data) >= self.max_bytes:
             self._rotate()
 
     @contextmanager
@@ -179,25 +189,42 @@ class AuditLog:
         finally:
             self._thread_lock.release()
 
-    def _current_fd(self) -> int:
-        """The descriptor of the file now at ``target``, reopened after a rotation.
+    def _acquire_fd(self) -> tuple[int, int]:
+        """The descriptor of the file now at ``target`` (reopened after a rotation) and
+        that file's size; in use until ``_release_fd``.
 
-        Called with the thread lock held.  Records written between another
-        worker's rename and this reopen land at the end of ``target.1``: nothing
-        is lost, and each record is still one whole line.
+        Records written between another worker's rename and this reopen land at
+        the end of ``target.1``: nothing is lost, and each record is still one
+        whole line.
         """
-        fd, ino = self._fd, self._ino
-        if fd is not None:
-            try:
-                if os.stat(self.target).st_ino == ino:
-                    return fd
-            except FileNotFoundError:
-                pass
+        try:
+            st: os.stat_result | None = os.stat(self.target)
+        except FileNotFoundError:
+            st = None
+        with self._fd_lock:
+            if self._fd is not None and st is not None and st.st_ino == self._ino:
+                self._writers += 1
+                return self._fd, st.st_size
         new = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-        self._fd, self._ino = new, os.fstat(new).st_ino
-        if fd is not None:
-            os.close(fd)  # safe: every writer of this process holds the thread lock
-        return new
+        nst = os.fstat(new)
+        with self._fd_lock:
+            if self._fd is not None and self._ino == nst.st_ino:
+                self._retired.append(new)  # another thread reopened it first
+            else:
+                if self._fd is not None:
+                    self._retired.append(self._fd)
+                self._fd, self._ino = new, nst.st_ino
+            self._writers += 1
+            return self._fd, nst.st_size
+
+    def _release_fd(self) -> None:
+        with self._fd_lock:
+            self._writers -= 1
+            if self._writers or not self._retired:
+                return
+            retired, self._retired = self._retired, []
+        for fd in retired:  # handed out before they were retired, and no writer left
+            os.close(fd)
 
     def _rotate(self) -> None:
         with self._locked(blocking=False) as got:
@@ -218,11 +245,12 @@ class AuditLog:
             os.replace(self.target, f"{self.target}.1")
 
     def close(self) -> None:
-        with self._thread_lock:
-            for fd in (self._fd, self._lock_fd):
+        with self._thread_lock, self._fd_lock:
+            for fd in (self._fd, self._lock_fd, *self._retired):
                 if fd is not None:
                     os.close(fd)
             self._fd = self._lock_fd = None
+            self._retired = []
 
     def files(self) -> list[str]:
         """The current file and its backups, newest first (for tests and tools)."""

@@ -53,7 +53,7 @@ from yaml import YAMLError
 from webhook import certs
 from webhook.core.errors import BootstrapError, ConfigError
 
-SECRET_TYPE = "kubernetes.io/tls"
+SECRET_TYPE = "kubernetes.io/tls"  # nosec B105  # a Secret type name, not a password
 FIELD_MANAGER = "ecr-webhook-bootstrap"
 # Kubernetes object names: a Service and a Namespace are DNS-1035/1123 labels,
 # Secrets and webhook configurations DNS-1123 subdomains (apimachinery validation).
@@ -342,7 +342,7 @@ def _read(call: Any, *args: str) -> dict[str, Any] | None:
             return None
         raise
     doc = json.loads(response.data)
-    assert isinstance(doc, dict)
+    assert isinstance(doc, dict)  # nosec B101  # mypy narrowing; the line above checked it
     return doc
 
 

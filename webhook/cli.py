@@ -88,7 +88,7 @@ def dry_run(
 
 
 @cli.command()
-@click.option("--host", default="0.0.0.0", show_default=True)
+@click.option("--host", default="0.0.0.0", show_default=True)  # nosec B104  # hostNetwork; the apiserver dials the node's address
 @click.option("--port", type=PORT, default=8443, show_default=True)
 @click.option("--metrics-port", type=PORT, default=9090, show_default=True)
 @click.option("--cert-file", default="/etc/ecr-webhook/tls/tls.crt", show_default=True)
@@ -103,6 +103,9 @@ def dry_run(
     is_flag=True,
     help="Loopback certificate in certs/, serve on 127.0.0.1, print a webhook config.",
 )
+@click.option("--read-timeout", type=click.FloatRange(0.1, 300), default=5.0, show_default=True,
+              help="Seconds a request (headers and body) may take to arrive; then it is dropped.")
+@click.option("--client-ca", help="PEM CA file: require client certificates it signed (mTLS).")
 @click.option("-v", "--verbosity", type=int, default=0, help="Log verbosity (klog-style v).")
 @probe_options
 def serve(
@@ -117,6 +120,8 @@ def serve(
     workers: int,
     threads: int,
     dev: bool,
+    read_timeout: float,
+    client_ca: str | None,
     verbosity: int,
     probe: bool,
     **kw: Any,
@@ -143,6 +148,8 @@ def serve(
         registry_endpoints=tuple(kw["registry_endpoints"]),
         registry_ca=kw["registry_ca"],
         probe_timeout=kw["probe_timeout"],
+        read_timeout=read_timeout,
+        client_ca=client_ca,
     )
     sys.exit(run(config))
 

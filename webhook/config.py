@@ -9,10 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The kube-apiserver refuses request bodies over 3 MiB (apiserver
+# maxRequestBodyBytes default); an AdmissionReview can carry both object and
+# oldObject plus its envelope, so 7 MiB bounds every genuine review.
+MAX_BODY = 7 * 1024 * 1024
+
 
 @dataclass(frozen=True)
 class ServeConfig:
-    host: str = "0.0.0.0"
+    host: str = "0.0.0.0"  # nosec B104  # hostNetwork; the apiserver dials the node's address
     port: int = 8443
     metrics_port: int = 9090
     cert_file: str = "/etc/ecr-webhook/tls/tls.crt"
@@ -26,6 +31,13 @@ class ServeConfig:
     threads: int = 8
     dev: bool = False
     log_verbosity: int = 0
+    # A request (headers and body) must arrive within this many seconds of its
+    # first byte, or its connection is closed (webhook.server.WebhookWorker).
+    # The kube-apiserver sends a whole review at once; 5 s is what its own
+    # webhook timeout (timeoutSeconds, 5 in our configuration) allows anyway.
+    read_timeout: float = 5.0
+    # PEM CA bundle: when set, clients must present a certificate it signed.
+    client_ca: str | None = None
     # Time the server may spend probing registries while answering one
     # AdmissionReview, unless --probe-timeout or the policy's
     # probe.timeoutSeconds say otherwise (at most 3 s).  The

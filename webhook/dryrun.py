@@ -261,9 +261,9 @@ def _read_one_by_one(name: str, text: str) -> list[Document]:
                 try:
                     data = json.loads(part)
                 except (ValueError, RecursionError):
-                    data = yaml.load(part, Loader=_LOADER)
+                    data = yaml.load(part, Loader=_LOADER)  # nosec B506  # _LOADER is a safe loader
             else:
-                data = yaml.load(part, Loader=_LOADER)
+                data = yaml.load(part, Loader=_LOADER)  # nosec B506  # _LOADER is a safe loader
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" (line {mark.line + 1} of the document)" if mark is not None else ""

@@ -124,7 +124,7 @@ class PolicyHolder:
         return self._context
 
     def _reload(self) -> None:
-        assert self.policy_file is not None
+        assert self.policy_file is not None  # nosec B101  # called only with a policy file; mypy narrowing
         # Non-blocking: the thread that wins reloads, the others go on with the
         # current policy instead of queueing behind a parse.
         if not self._lock.acquire(blocking=False):
@@ -155,21 +155,30 @@ class LoadedCertificate:
     signature: tuple[Signature | None, Signature | None]
 
 
-def server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+def server_context(cert_file: str, key_file: str, client_ca: str | None = None) -> ssl.SSLContext:
     """A server SSLContext, TLS 1.2 minimum, with the given certificate and key.
 
     TLS 1.2 is the floor the kube-apiserver itself accepts by default and the
     one the issue requires; Python's defaults already exclude compression and
-    weak ciphers.
+    weak ciphers.  With ``client_ca`` (``serve --client-ca``) a client must
+    present a certificate signed by that CA, or the handshake fails: the
+    kube-apiserver presents one when its AdmissionConfiguration gives the
+    webhook a kubeconfig with ``client-certificate`` (Kubernetes docs,
+    "Authenticate apiservers").
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(certfile=cert_file, keyfile=key_file)
+    if client_ca is not None:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(cafile=client_ca)
     return ctx
 
 
-def load_certificate(cert_file: str, key_file: str) -> LoadedCertificate:
-    """Load the pair; ConfigError names the file and what is wrong."""
+def load_certificate(
+    cert_file: str, key_file: str, client_ca: str | None = None
+) -> LoadedCertificate:
+    """Load the pair (and the client CA); ConfigError names the file and what is wrong."""
     sig = (signature(cert_file), signature(key_file))
     for path, flag, seen in ((cert_file, "--cert-file", sig[0]), (key_file, "--key-file", sig[1])):
         if seen is None:
@@ -177,8 +186,16 @@ def load_certificate(cert_file: str, key_file: str) -> LoadedCertificate:
                 f"{flag} {path}: no such file; create it with 'ecr-webhook certs generate' "
                 "or mount the TLS Secret"
             )
+    if client_ca is not None:
+        try:
+            ssl.create_default_context(cafile=client_ca)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise ConfigError(
+                f"--client-ca {client_ca}: cannot load it as PEM CA certificates: {why}"
+            ) from None
     try:
-        ctx = server_context(cert_file, key_file)
+        ctx = server_context(cert_file, key_file, client_ca)
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError(
             f"--cert-file {cert_file} / --key-file {key_file}: cannot load the pair: {exc}"
@@ -205,9 +222,12 @@ class CertificateHolder:
         *,
         on_reload: ReloadListener | None = None,
         now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        client_ca: str | None = None,
     ) -> None:
         self.cert_file = cert_file
         self.key_file = key_file
+        # Re-read with the pair: a changed CA file applies at the next pair reload.
+        self.client_ca = client_ca
         self.on_reload = on_reload
         self.now = now
         self._lock = threading.Lock()
@@ -215,7 +235,7 @@ class CertificateHolder:
         self._failed: tuple[Signature | None, Signature | None] | None = None
         self.error: str | None = None
         try:
-            self._loaded = load_certificate(cert_file, key_file)
+            self._loaded = load_certificate(cert_file, key_file, client_ca)
         except ConfigError as exc:
             self._failed = (signature(cert_file), signature(key_file))
             self.error = str(exc)
@@ -238,7 +258,7 @@ class CertificateHolder:
     def _reload(self) -> None:
         sig = (signature(self.cert_file), signature(self.key_file))
         try:
-            loaded = load_certificate(self.cert_file, self.key_file)
+            loaded = load_certificate(self.cert_file, self.key_file, self.client_ca)
         except ConfigError as exc:
             self._failed = sig
             self.error = str(exc)

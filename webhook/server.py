@@ -12,18 +12,20 @@ What the launcher sets up, and why:
   ``CertificateHolder`` that re-reads the certificate and key when the files
   change (a Secret update is a symlink swap), so rotation needs no restart and
   the next connection already shows the new certificate.
-* **The worker**: ``WebhookWorker``, gunicorn's threaded worker with one fix.
-  Stock ``gthread`` completes a new connection's TLS handshake in a pool thread
-  and then blocks that thread reading the first request.  Go's HTTP client (the
+* **The worker**: ``WebhookWorker``, gunicorn's threaded worker with the TLS
+  handshake and the reading of each request moved into its poller.  Stock
+  ``gthread`` completes a new connection's handshake in a pool thread and
+  then blocks that thread reading the request.  Go's HTTP client (the
   kube-apiserver's) dials extra connections under load and parks the ones it
-  does not need in its idle pool, so a thread waits on a connection that sends
-  nothing; once the parked connections outnumber the threads every thread
-  waits and the worker stalls until the clients time out (measured by
-  bench/load.py: 128 keep-alive connections against 2x8 threads).
-  ``WebhookWorker`` hands a handshaken connection with no request yet back to
-  the worker's poller, as gthread already does for idle keep-alive
-  connections, so threads only ever serve requests that have arrived.  The
-  handshake itself is bounded (10 s, Go's default TLSHandshakeTimeout).
+  does not need, and a slow or hostile client may send a request's headers
+  and then stall in its body: either way a thread waits on a client, and once
+  such connections outnumber the threads the worker stops answering (measured
+  by bench/load.py: 128 keep-alive connections against 2x8 threads; and 16
+  connections sending ``Content-Length: 1000`` and 6 bytes, issue 11).
+  ``WebhookWorker`` hands a thread only a request that has fully arrived;
+  the handshake (10 s, Go's default TLSHandshakeTimeout) and each request
+  (``--read-timeout``, from its first byte) have deadlines, after which the
+  connection is closed.  See the class docstring for why not socket timeouts.
 * **keep-alive 120 s**: longer than the kube-apiserver's idle timeout for
   webhook connections (90 s, Go's http.DefaultTransport IdleConnTimeout, which
   k8s.io/apimachinery's SetTransportDefaults copies), so the client always
@@ -42,31 +44,37 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import glob
 import os
 import selectors
 import shutil
 import socket
 import ssl
-import struct
+import stat
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import yaml
+from gunicorn import http as ghttp
+from gunicorn import sock as gsock
 from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger as GunicornBaseLogger
 from gunicorn.workers import gthread
 
 from webhook import certs, logs
 from webhook.auditlog import AuditLog
-from webhook.config import ServeConfig
+from webhook.config import MAX_BODY, ServeConfig
 from webhook.core.ecr import DATA_VERSION
 from webhook.core.errors import ConfigError
+from webhook.core.framing import Frame, RequestScanner
 from webhook.core.policy import unknown_region
 from webhook.reload import (
     UNKNOWN_REGION_MESSAGE,
@@ -90,60 +98,204 @@ AppFactory = Callable[[ServeConfig], WSGIApp]
 
 # --------------------------------------------------------------------------- worker
 
-_DEFER: object = getattr(gthread, "_DEFER", None)
-_DATA_TIMEOUT: float = getattr(gthread, "DEFAULT_WORKER_DATA_TIMEOUT", 5.0)
+# Bytes one connection may read per poller turn, so a fast large body does not
+# keep the poller from the other connections (the rest is read on a later turn).
+_STEP_BYTES = 256 * 1024
 
 
-def _recv_timeout(sock: socket.socket, seconds: int) -> None:
-    """Bound blocking reads at the OS level (SO_RCVTIMEO; 0 means no bound).
+class _Reading:
+    """A connection the poller is reading a request from (no thread holds it)."""
 
-    gunicorn puts the socket in Python blocking mode before the handshake,
-    which would reset a Python-level timeout; SO_RCVTIMEO survives that.
-    """
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, 0))
+    __slots__ = ("buf", "deadline", "scanner")
 
-
-def _has_input(sock: socket.socket) -> bool:
-    """Whether a request has (at least partly) arrived, without blocking."""
-    if isinstance(sock, ssl.SSLSocket) and sock.pending():
-        return True
-    with selectors.DefaultSelector() as sel:
-        sel.register(sock, selectors.EVENT_READ)
-        return bool(sel.select(0))
+    def __init__(self, scanner: RequestScanner, deadline: float) -> None:
+        self.buf = bytearray()
+        self.deadline = deadline
+        self.scanner = scanner
 
 
 class WebhookWorker(gthread.ThreadWorker):  # type: ignore[misc]
-    """gthread, with new TLS connections parked in the poller until a request arrives.
+    """gthread, with the TLS handshake and the whole request read in the poller.
 
-    See the module docstring for the stall this prevents.  Only the first
-    request of a TLS connection takes the new path; everything else is
-    gthread's own code.
+    Threads only ever serve requests that have fully arrived; everything a
+    client can be slow at happens in the worker's main loop (its poller),
+    non-blocking, under a deadline:
+
+    * the TLS handshake, within ``HANDSHAKE_TIMEOUT`` of the accept;
+    * an idle connection (kept alive, or handshaken and parked by Go's HTTP
+      client), up to the keep-alive timeout, as gthread does;
+    * a request, headers and body (``Content-Length`` or chunked), within
+      ``read_timeout`` seconds of its first byte.
+
+    A connection past its deadline is closed.  Why this and not socket
+    timeouts on gthread's threads: a timeout still holds the thread until it
+    expires, so ``threads`` stalled clients stop the worker for
+    ``read_timeout`` seconds at a time, and a client that keeps re-opening
+    them stops it for good; here a stalled client costs a file descriptor
+    and a few bytes of buffer.  The framing (where a request ends) is the
+    pure ``webhook.core.framing.RequestScanner``; a request it cannot frame,
+    or whose body is over the limit, is handed to a thread at once so that
+    gunicorn or the app answers it (400, 413), with ``read_timeout`` on each
+    socket read and write of that thread.
+
+    ``read_timeout`` and ``max_body`` are class attributes: ``make_worker``
+    builds the subclass ``serve`` runs.
     """
 
-    def handle(self, conn: Any) -> Any:
-        if conn.initialized or not self.cfg.is_ssl or _DEFER is None:
-            return super().handle(conn)
-        if not conn.data_ready and not conn.wait_for_data(_DATA_TIMEOUT):
-            return _DEFER  # not even a ClientHello yet: wait in the poller
+    read_timeout: float = 5.0
+    max_body: int = 7 * 1024 * 1024
+
+    def init_process(self) -> None:
+        self._reading: dict[Any, _Reading] = {}
+        self._stop_at: float | None = None
+        super().init_process()
+
+    # -- entry point: every connection that needs a request goes through here
+
+    def enqueue_req(self, conn: Any) -> None:
+        """Called by gthread for a new, a kept-alive readable or a pipelined connection."""
+        if getattr(conn, "request_ready", False):
+            conn.request_ready = False
+            super().enqueue_req(conn)
+            return
+        now = time.monotonic()
+        state = _Reading(RequestScanner(self.max_body), now + self.cfg.keepalive)
+        if not conn.initialized:
+            state.deadline = now + HANDSHAKE_TIMEOUT
+        else:
+            # Bytes a previous request's parser read ahead (a pipelined request).
+            state.buf += conn.parser.unreader.take_buffered()
+            if state.buf:
+                state.deadline = now + self.read_timeout
+        self._reading[conn] = state
+        if state.buf and state.scanner.scan(state.buf) is not Frame.NEED_MORE:
+            self._dispatch(conn, state)
+            return
+        self._step(conn)
+
+    def _on_event(self, conn: Any, fileobj: Any) -> None:
+        self.poller.unregister(fileobj)
+        self._step(conn)
+
+    def _step(self, conn: Any) -> None:
+        """Make what progress the socket allows, then wait in the poller or dispatch."""
+        state = self._reading.get(conn)
+        if state is None:
+            return  # dropped (deadline) while a deferred step was queued
         try:
-            conn.sock.setblocking(True)
-            _recv_timeout(conn.sock, HANDSHAKE_TIMEOUT)
-            conn.init()  # the TLS handshake; conn.sock becomes the SSLSocket (same fd)
-            _recv_timeout(conn.sock, 0)
-        except Exception as exc:  # any handshake failure closes the connection
-            self.log.debug("TLS handshake failed: %s", exc)
-            # Shut down (not closed) here, so the worker's graceful close does not
-            # linger on the main thread waiting for a peer that stopped talking,
-            # and still closes the socket exactly once: closing it here made that
-            # close fail and gthread count the connection out twice, so nr_conns
-            # went negative and graceful shutdown stopped waiting for requests.
-            with contextlib.suppress(OSError):
-                conn.sock.shutdown(socket.SHUT_RDWR)
-            return False
-        conn.data_ready = False
-        if _has_input(conn.sock):
-            return super().handle(conn)
-        return _DEFER  # handshaken, no request yet: back to the poller, thread freed
+            if not conn.initialized and not self._handshake(conn, state):
+                return
+            got = 0
+            while got < _STEP_BYTES:
+                try:
+                    data = conn.sock.recv(64 * 1024)
+                except (ssl.SSLWantReadError, BlockingIOError):
+                    self._wait(conn, selectors.EVENT_READ)
+                    return
+                except ssl.SSLWantWriteError:
+                    self._wait(conn, selectors.EVENT_WRITE)
+                    return
+                if not data:  # the client closed the connection
+                    self._drop(conn, "closed by the client")
+                    return
+                if not state.buf:  # the first byte of a request starts its clock
+                    state.deadline = time.monotonic() + self.read_timeout
+                state.buf += data
+                got += len(data)
+                if state.scanner.scan(state.buf) is not Frame.NEED_MORE:
+                    self._dispatch(conn, state)
+                    return
+            # A fast large body: continue on the next turn (TLS may hold
+            # decrypted bytes the poller would not see, so no wait here).
+            self.method_queue.defer(self._step, conn)
+        except Exception as exc:  # a client must never take the worker down
+            # ssl.SSLError and resets are OSErrors; anything else (a certificate
+            # the hook cannot give) is as much a reason to drop this connection.
+            self._drop(conn, f"{type(exc).__name__}: {exc}")
+
+    def _handshake(self, conn: Any, state: _Reading) -> bool:
+        """Advance the TLS handshake; True once the connection carries HTTP."""
+        if self.cfg.is_ssl:
+            if not isinstance(conn.sock, ssl.SSLSocket):
+                conn.sock = gsock.ssl_context(self.cfg).wrap_socket(
+                    conn.sock, server_side=True, do_handshake_on_connect=False,
+                    suppress_ragged_eofs=self.cfg.suppress_ragged_eofs)  # fmt: skip
+            try:
+                conn.sock.do_handshake()
+            except ssl.SSLWantReadError:
+                self._wait(conn, selectors.EVENT_READ)
+                return False
+            except ssl.SSLWantWriteError:
+                self._wait(conn, selectors.EVENT_WRITE)
+                return False
+        conn.initialized = True
+        conn.parser = ghttp.get_parser(self.cfg, conn.sock, conn.client)
+        state.deadline = time.monotonic() + self.cfg.keepalive  # idle until a byte comes
+        return True
+
+    def _wait(self, conn: Any, events: int) -> None:
+        self.poller.register(conn.sock, events, partial(self._on_event, conn))
+
+    def _dispatch(self, conn: Any, state: _Reading) -> None:
+        del self._reading[conn]
+        conn.parser.unreader.unread(bytes(state.buf))
+        conn.data_ready = True
+        conn.request_ready = True
+        self.enqueue_req(conn)
+
+    def _drop(self, conn: Any, why: str) -> None:
+        if self._reading.pop(conn, None) is None:
+            return
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self.poller.unregister(conn.sock)
+        self.log.debug("connection from %s dropped: %s", conn.client, why)
+        self.nr_conns -= 1
+        conn.close()
+
+    def murder_pending(self) -> None:
+        """Also close connections past their handshake, idle or request deadline."""
+        super().murder_pending()
+        now = time.monotonic()
+        if not self.alive and self._stop_at is None:
+            # Stopping: idle connections linger briefly, as gthread's kept-alive ones do.
+            self._stop_at = now + getattr(gthread, "STOP_KEEPALIVE_LINGER", 2.0)
+        for conn, state in list(self._reading.items()):
+            deadline = state.deadline
+            if self._stop_at is not None and not state.buf:
+                deadline = min(deadline, self._stop_at)
+            if now >= deadline:
+                self._drop(conn, "deadline passed" if state.buf else "idle")
+
+    # -- in a thread: a whole request is buffered
+
+    def handle(self, conn: Any) -> Any:
+        """Serve the buffered request; every socket read and write bounded by read_timeout."""
+        req = None
+        try:
+            conn.sock.settimeout(self.read_timeout)
+            req = next(conn.parser)
+            if not req:
+                return False
+            return self._keepalive_after(conn, self.handle_request(req, conn))
+        except TimeoutError:
+            self.log.debug("connection from %s: read or write timed out", conn.client)
+        except (ghttp.errors.NoMoreData, StopIteration) as exc:
+            self.log.debug("closing connection: %s", exc)
+        except ssl.SSLError as exc:
+            if exc.args[0] != ssl.SSL_ERROR_EOF:
+                self.handle_error(req, conn.sock, conn.client, exc)
+        except OSError as exc:
+            if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                self.log.exception("Socket error processing request.")
+        except Exception as exc:
+            self.handle_error(req, conn.sock, conn.client, exc)
+        return False
+
+
+def make_worker(read_timeout: float, max_body: int) -> type[WebhookWorker]:
+    """The worker class ``serve`` runs, with its read deadline and body limit."""
+    return type("WebhookWorker", (WebhookWorker,),
+                {"read_timeout": read_timeout, "max_body": max_body})  # fmt: skip
 
 
 class GunicornLogger(GunicornBaseLogger):  # type: ignore[misc]
@@ -297,7 +449,7 @@ def gunicorn_options(config: ServeConfig, runtime_dir: str) -> dict[str, Any]:
         "bind": [_bind(config.host, config.port)],
         "workers": config.workers,
         "threads": config.threads,
-        "worker_class": WebhookWorker,
+        "worker_class": make_worker(config.read_timeout, MAX_BODY),
         "keepalive": KEEPALIVE_SECONDS,
         "graceful_timeout": GRACEFUL_TIMEOUT,
         "certfile": config.cert_file,
@@ -333,6 +485,22 @@ def _use_multiprocess_values() -> None:
     values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
 
 
+def check_key_mode(key_file: str) -> None:
+    """Refuse a private key that every local user may read or write.
+
+    ``certs generate`` writes 0600; the Deployment mounts the Secret with
+    ``defaultMode: 0440`` (owner and the pod's fsGroup), which passes.  A key
+    readable by "other" is as good as published on that machine.  Checked at
+    start only: a rotated Secret keeps the volume's mode.
+    """
+    mode = stat.S_IMODE(os.stat(key_file).st_mode)
+    if mode & 0o007:
+        raise ConfigError(
+            f"--key-file {key_file}: mode {mode:04o} lets every user read or write the "
+            f"private key; chmod 600 it (or 0440 with a group, as the Secret volume does)"
+        )
+
+
 def validate(config: ServeConfig) -> str | None:
     """Everything that can be checked before forking; raises EcrWebhookError.
 
@@ -342,7 +510,8 @@ def validate(config: ServeConfig) -> str | None:
         raise ConfigError(
             f"--workers {config.workers} --threads {config.threads}: both must be >= 1"
         )
-    load_certificate(config.cert_file, config.key_file)
+    load_certificate(config.cert_file, config.key_file, config.client_ca)
+    check_key_mode(config.key_file)
     region = build_context(config.policy_file, config.region, os.environ,
                            fallback_regions=config.fallback_regions).cluster.region  # fmt: skip
     if config.probe or config.registry_endpoints or config.registry_ca or config.probe_timeout:
@@ -400,7 +569,8 @@ def run(
         _use_multiprocess_values()
         from webhook import metrics  # prometheus_client: after the env var
 
-        certificate = CertificateHolder(config.cert_file, config.key_file)
+        certificate = CertificateHolder(config.cert_file, config.key_file,
+                                        client_ca=config.client_ca)  # fmt: skip
 
         def load() -> WSGIApp:
             if app_factory is not None:

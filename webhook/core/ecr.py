@@ -219,7 +219,7 @@ class EcrFacts:
                 facts.account, region, use_fips, True, p.dualstack_suffix, facts.partition
             ).host
         if use_fips:
-            assert facts.fips_host is not None
+            assert facts.fips_host is not None  # nosec B101  # invariant of the table; mypy narrowing
             return facts.fips_host
         return facts.registry_host
 

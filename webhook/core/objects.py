@@ -76,7 +76,7 @@ def pod_sites(
         request = obj.get("request")
         inner = request.get("object") if isinstance(request, Mapping) else None
         if isinstance(inner, Mapping):
-            assert isinstance(request, Mapping)
+            assert isinstance(request, Mapping)  # nosec B101  # checked by the caller; mypy narrowing
             yield from pod_sites(inner, request.get("namespace") or default_namespace)
         return
     meta = obj.get("metadata")

@@ -456,7 +456,7 @@ def _target_partition(t: Target, facts: ecr.EcrFacts) -> str | None:
 def load_policy(text: str, source: str = "policy", facts: ecr.EcrFacts | None = None) -> Policy:
     """Parse and validate policy YAML text.  ``source`` names it in errors."""
     try:
-        doc = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        doc = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # nosec B506  # CSafeLoader/SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "(document)"

@@ -24,11 +24,11 @@ when the webhook does not answer).
 from __future__ import annotations
 
 import base64
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, NotRequired, TypedDict, cast
 
+from webhook.core import jsonc
 from webhook.core.errors import ReviewError
 from webhook.core.imageref import ImageRef
 from webhook.core.patch import PatchOp, build_patch_checked
@@ -156,7 +156,7 @@ def response(
     resp: AdmissionResponse = {"uid": uid, "allowed": True}
     if patch:
         resp["patchType"] = "JSONPatch"
-        raw = json.dumps(list(patch), separators=(",", ":")).encode()
+        raw = jsonc.dumps(list(patch))
         resp["patch"] = base64.b64encode(raw).decode("ascii")
     if warnings:
         resp["warnings"] = [truncate(w) for w in warnings]

@@ -1,0 +1,212 @@
+"""Slow and stalled clients cannot stop the server (issue 11, item 1).
+
+The real server (``ecr-webhook serve`` under gunicorn, TLS on loopback) with the
+settings the issue found stalled: ``--workers 2 --threads 8``.  Before the fix,
+16 connections sending headers with ``Content-Length: 1000`` and 6 bytes of
+body held every thread; the next handshake, admission and ``/healthz`` went
+unanswered for minutes.  Here 64 stalled connections (bodies, headers and
+handshakes that stop half-way) are held open while valid admissions and
+``/healthz`` must be answered within the kube-apiserver's timeout for this
+webhook (``timeoutSeconds: 5`` in manifests/; the client gives up after it),
+and the stalled connections must then be closed by the server once their
+deadline (``--read-timeout 2``; 10 s for a handshake) has passed.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.serving import (
+    REGION,
+    ServerProcess,
+    admission_review,
+    apiserver_tls_context,
+    ecr_webhook,
+    free_port,
+    get,
+    post_review,
+)
+from webhook import certs
+
+pytestmark = pytest.mark.slow
+
+# The kube-apiserver waits timeoutSeconds for the webhook (manifests: 5).
+APISERVER_TIMEOUT = 5
+READ_TIMEOUT = 2
+HANDSHAKE_TIMEOUT = 10  # webhook.server.HANDSHAKE_TIMEOUT (Go's TLSHandshakeTimeout)
+
+
+class Server:
+    def __init__(self, tmp: Path, proc: ServerProcess, port: int) -> None:
+        self.tmp, self.proc, self.port = tmp, proc, port
+        self.ctx = apiserver_tls_context(tmp / "ca.crt")
+
+    def tls(self) -> ssl.SSLSocket:
+        raw = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        return self.ctx.wrap_socket(raw, server_hostname="localhost")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("slow")
+    certs.write_bundle(certs.build_certificate(["localhost"], ["127.0.0.1"]), tmp)
+    port = free_port()
+    argv = [*ecr_webhook(), "serve", "--host", "127.0.0.1", "--port", str(port),
+            "--metrics-port", str(free_port()), "--cert-file", str(tmp / "tls.crt"),
+            "--key-file", str(tmp / "tls.key"), "--region", REGION,
+            "--audit-log", str(tmp / "audit.log"), "--workers", "2", "--threads", "8",
+            "--read-timeout", str(READ_TIMEOUT)]  # fmt: skip
+    proc = ServerProcess(argv, stderr=tmp / "stderr.log")
+    srv = Server(tmp, proc, port)
+    try:
+        proc.wait_ready(port, srv.ctx)
+        yield srv
+    finally:
+        code = proc.stop()
+    assert code == 0, proc.stderr()
+
+
+def request_head(length: int, *, chunked: bool = False) -> bytes:
+    framing = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % length
+    return (b"POST /mutate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            + framing + b"\r\n\r\n")  # fmt: skip
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """One whole response (headers and its Content-Length body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        more = sock.recv(65536)
+        assert more, data
+        data += more
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")))  # fmt: skip
+    while len(body) < length:
+        more = sock.recv(65536)
+        assert more, data
+        body += more
+    return head + b"\r\n\r\n" + body
+
+
+def closed_by_server(sock: socket.socket, within: float) -> bool:
+    """Whether the server closes ``sock`` (EOF or reset) within ``within`` seconds."""
+    sock.settimeout(within)
+    try:
+        while True:
+            data = sock.recv(4096)
+            if not data:
+                return True
+    except (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError, ssl.SSLZeroReturnError):
+        return True
+    except TimeoutError:
+        return False
+    except ssl.SSLError:
+        return True  # the server's alert or a torn record: the connection is gone
+
+
+def test_64_stalled_connections_do_not_stop_admissions_or_healthz(server: Server) -> None:
+    stalled: list[tuple[str, socket.socket]] = []
+    try:
+        for _ in range(32):  # headers with Content-Length: 1000, then 6 bytes of body
+            s = server.tls()
+            s.sendall(request_head(1000) + b'{"api')
+            stalled.append(("body", s))
+        for _ in range(16):  # half a header section
+            s = server.tls()
+            s.sendall(b"POST /mutate HTTP/1.1\r\nHost: localhost\r\nContent-Le")
+            stalled.append(("header", s))
+        for _ in range(16):  # a TLS record header, and then nothing: a stalled handshake
+            raw = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            raw.sendall(b"\x16\x03\x01\x02\x00\x01")
+            stalled.append(("handshake", raw))
+        assert len(stalled) == 64
+        # While all 64 are open and stalled, the server answers within the apiserver's timeout.
+        for i in range(16):
+            status, doc = post_review(server.port, server.ctx,
+                                      admission_review(uid=f"during-{i}"),
+                                      timeout=APISERVER_TIMEOUT)  # fmt: skip
+            assert status == 200
+            assert doc["response"]["uid"] == f"during-{i}"
+            assert doc["response"]["allowed"] is True
+        assert get(server.port, "/healthz", server.ctx, timeout=APISERVER_TIMEOUT)[0] == 200
+        # Every stalled connection is then dropped by the server after its deadline
+        # (generous bounds: the deadline, plus the poller's 1 s tick, plus slack).
+        for kind, s in stalled:
+            limit = (HANDSHAKE_TIMEOUT if kind == "handshake" else READ_TIMEOUT) + 10
+            assert closed_by_server(s, limit), kind
+    finally:
+        for _, s in stalled:
+            s.close()
+    assert post_review(server.port, server.ctx, admission_review(),
+                       timeout=APISERVER_TIMEOUT)[0] == 200  # fmt: skip
+
+
+def test_a_body_arriving_in_pieces_within_the_deadline_is_served(server: Server) -> None:
+    body = json.dumps(admission_review(uid="pieces")).encode()
+    with server.tls() as s:
+        s.sendall(request_head(len(body)))
+        for i in range(0, len(body), len(body) // 4 + 1):
+            time.sleep(0.1)
+            s.sendall(body[i:i + len(body) // 4 + 1])
+        s.settimeout(APISERVER_TIMEOUT)
+        assert s.recv(64).startswith(b"HTTP/1.1 200")
+
+
+def test_chunked_and_pipelined_requests_are_framed_and_served(server: Server) -> None:
+    body = json.dumps(admission_review(uid="chunked")).encode()
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 1000]), body[i:i + 1000])
+                      for i in range(0, len(body), 1000))  # fmt: skip
+    chunked = request_head(0, chunked=True) + chunks + b"0\r\n\r\n"
+    plain = json.dumps(admission_review(uid="pipelined")).encode()
+    with server.tls() as s:
+        s.sendall(chunked + request_head(len(plain)) + plain)  # two requests, one write
+        s.settimeout(APISERVER_TIMEOUT)
+        received = b""
+        while received.count(b"HTTP/1.1 200") < 2 or not received.endswith(b"}"):
+            data = s.recv(65536)
+            assert data, received
+            received += data
+    assert b'"uid":"chunked"' in received
+    assert b'"uid":"pipelined"' in received
+
+
+def test_a_request_stalled_after_the_handshake_on_a_kept_alive_connection_is_dropped(
+    server: Server,
+) -> None:
+    """The deadline applies to every request of a connection, not only the first."""
+    body = json.dumps(admission_review()).encode()
+    with server.tls() as s:
+        s.sendall(request_head(len(body)) + body)
+        s.settimeout(APISERVER_TIMEOUT)
+        assert s.recv(64).startswith(b"HTTP/1.1 200")
+        time.sleep(0.2)
+        s.recv(1 << 20)  # the rest of the answer
+        s.sendall(request_head(1000) + b"{")
+        assert closed_by_server(s, READ_TIMEOUT + 10)
+
+
+def test_a_chunked_body_over_the_limit_gets_413_like_a_declared_one(server: Server) -> None:
+    """Issue 11, item 3: chunked bodies used to be cut at 7 MiB and answered 400."""
+    from webhook.config import MAX_BODY
+
+    big = admission_review()
+    big["request"]["object"]["metadata"]["annotations"] = {"x": "y" * (MAX_BODY + 1024)}
+    body = json.dumps(big).encode()
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 65536]), body[i:i + 65536])
+                      for i in range(0, len(body), 65536)) + b"0\r\n\r\n"  # fmt: skip
+    with server.tls() as s:
+        s.sendall(request_head(0, chunked=True) + chunks)
+        s.settimeout(APISERVER_TIMEOUT)
+        answer = read_response(s)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    status_doc = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert status_doc["code"] == 413 and status_doc["reason"] == "RequestEntityTooLarge"
+    assert "chunked body is over the limit" in status_doc["message"]
