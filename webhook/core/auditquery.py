@@ -47,7 +47,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from webhook.core.audit import KIND, SCHEMA_VERSION
@@ -62,6 +62,7 @@ TS_LEN = len("2026-12-01T10:00:00.000000Z")
 # format ("<RFC 3339> stdout F <line>"), `kubectl logs --timestamps` and
 # `kubectl logs --prefix` ("[pod/NAME/CONTAINER] <line>").
 PREFIXED = b' {"kind":"' + MARK + b'"'
+_PREFIXED_TEXT = PREFIXED.decode()
 # Keys under which log shippers carry the original line: Fluent Bit and
 # Docker's json-file driver ("log"), CloudWatch agent and Vector ("message"),
 # journald ("MESSAGE").  Any other top-level string holding a record is found too.
@@ -80,27 +81,20 @@ _UNIT = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[Zz]|[+-]\d{2}:\d{2})")
 
 
-def parse_time(value: str, now: float, flag: str = "--since") -> float:
-    """``value`` as epoch seconds: a duration before ``now`` or an RFC 3339 time.
-
-    Durations are Go-style sums of number+unit (``90s``, ``2h``, ``1h30m``,
-    ``7d``, ``2w``; ``d`` is 24 h).  RFC 3339 needs a zone (``Z`` or ``+02:00``):
-    a time without one would mean different instants on different machines.
-    Raises ``ConfigError`` (exit 2) naming the flag and the value.
-    """
+def _parse(value: str, now: float, flag: str) -> float | datetime:
     text = value.strip()
     if text and _DURATION.sub("", text) == "" and _DURATION.match(text):
         seconds = sum(float(n) * _UNIT[u] for n, u in _DURATION.findall(text))
         return now - seconds
     if _RFC3339.fullmatch(text):
         stamp = text.replace(" ", "T").replace("t", "T").replace("z", "Z")
-        # Python 3.11 fromisoformat takes "Z" and any number of fraction digits
-        # up to 6; longer fractions (RFC 3339 allows them) are cut to microseconds.
+        # Python 3.11 fromisoformat takes "Z" and up to 6 fraction digits;
+        # longer fractions (RFC 3339 allows them) are cut to microseconds.
         m = re.match(r"(.*?\.\d{6})\d+(.*)", stamp)
         if m:
             stamp = m.group(1) + m.group(2)
         try:
-            return datetime.fromisoformat(stamp).timestamp()
+            return datetime.fromisoformat(stamp)
         except ValueError:
             pass
     raise ConfigError(
@@ -109,14 +103,33 @@ def parse_time(value: str, now: float, flag: str = "--since") -> float:
     )
 
 
-def iso(ts: float) -> str:
-    """Epoch seconds in the records' own format (RFC 3339 UTC, microseconds, ``Z``).
+def parse_time(value: str, now: float, flag: str = "--since") -> float:
+    """``value`` as epoch seconds: a duration before ``now`` or an RFC 3339 time.
 
-    Floors to the microsecond, so an inclusive ``since`` never excludes a
-    record of the same microsecond.
+    Durations are Go-style sums of number+unit (``90s``, ``2h``, ``1h30m``,
+    ``7d``, ``2w``; ``d`` is 24 h).  RFC 3339 needs a zone (``Z`` or ``+02:00``):
+    a time without one would mean different instants on different machines.
+    Raises ``ConfigError`` (exit 2) naming the flag and the value.
     """
-    seconds = int(ts // 1)
-    micros = int((ts - seconds) * 1_000_000)
+    t = _parse(value, now, flag)
+    return t.timestamp() if isinstance(t, datetime) else t
+
+
+def parse_bound(value: str, now: float, flag: str) -> str:
+    """``value`` (as ``parse_time``) as a canonical timestamp, exact to the microsecond.
+
+    An RFC 3339 time is converted without a float round trip, which would be
+    off by a microsecond for some values.
+    """
+    t = _parse(value, now, flag)
+    if isinstance(t, datetime):
+        return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return iso(t)
+
+
+def iso(ts: float) -> str:
+    """Epoch seconds in the records' own format (RFC 3339 UTC, microseconds, ``Z``)."""
+    seconds, micros = divmod(round(ts * 1_000_000), 1_000_000)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{micros:06d}Z"
 
 
@@ -131,7 +144,7 @@ def canonical_ts(value: object) -> str | None:
     if len(value) == TS_LEN and value[-1] == "Z" and value[10] == "T":
         return value
     try:
-        return iso(parse_time(value, 0.0, "timestamp"))
+        return parse_bound(value, 0.0, "timestamp")
     except ConfigError:
         return None
 
@@ -192,8 +205,8 @@ def build_filters(
     dry_run: bool | None = None,
 ) -> Filters:
     """Filters from command-line values; ``ConfigError`` (exit 2) for a bad one."""
-    lo = iso(parse_time(since, now, "--since")) if since is not None else None
-    hi = iso(parse_time(until, now, "--until")) if until is not None else None
+    lo = parse_bound(since, now, "--since") if since is not None else None
+    hi = parse_bound(until, now, "--until") if until is not None else None
     if lo is not None and hi is not None and lo >= hi:
         raise ConfigError(f"--since ({lo}) must be before --until ({hi})")
     bad = [d for d in decisions if d not in DECISIONS]
@@ -494,7 +507,11 @@ def unwrap(envelope: object) -> bytes | dict[str, Any] | None:
     for key in keys:
         value = envelope[key]
         if isinstance(value, str) and KIND in value:
-            return value.strip().encode()
+            text = value.strip()
+            # A record, or a record behind a prefix (a CRI line); not a message
+            # that merely mentions the kind.
+            if text.startswith("{") or _PREFIXED_TEXT in text:
+                return text.encode()
         if isinstance(value, dict) and found is None and value.get("kind") == KIND:
             found = value
     return found
