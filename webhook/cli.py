@@ -188,23 +188,52 @@ def certs_bootstrap(
 @click.option("--since", help="Only records at or after: a duration (2h, 1h30m, 7d) or RFC 3339.")
 @click.option("--until", help="Only records before: a duration or an RFC 3339 time.")
 @click.option("--namespace", "namespaces", multiple=True, help="Pod namespace (repeatable).")
-@click.option("--image", "images", multiple=True, metavar="GLOB",
-              help="A container's from or to image matches this glob (repeatable).")
+@click.option(
+    "--image",
+    "images",
+    multiple=True,
+    metavar="GLOB",
+    help="A container's from or to image matches this glob (repeatable).",
+)
 @click.option("--reason", "reasons", multiple=True, help="Container reason code (repeatable).")
-@click.option("--decision", "decisions", multiple=True,
-              type=click.Choice(("patched", "unchanged", "skipped", "error")))
+@click.option(
+    "--decision",
+    "decisions",
+    multiple=True,
+    type=click.Choice(("patched", "unchanged", "skipped", "error")),
+)
 @click.option("--user", "users", multiple=True, help="Requesting username (repeatable).")
-@click.option("--owner", "owners", multiple=True, metavar="KIND/NAME",
-              help="Controlling owner, e.g. DaemonSet/aws-node (repeatable).")
-@click.option("--dry-run/--no-dry-run", "dry_run", default=None,
-              help="Only requests with (or without) dryRun.  Default: both.")
-@click.option("-o", "--output", type=click.Choice(("table", "json")), default="table",
-              show_default=True, help="json: matching records as logged, one per line.")
+@click.option(
+    "--owner",
+    "owners",
+    multiple=True,
+    metavar="KIND/NAME",
+    help="Controlling owner, e.g. DaemonSet/aws-node (repeatable).",
+)
+@click.option(
+    "--dry-run/--no-dry-run",
+    "dry_run",
+    default=None,
+    help="Only requests with (or without) dryRun.  Default: both.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Choice(("table", "json")),
+    default="table",
+    show_default=True,
+    help="json: matching records as logged, one per line.",
+)
 @click.option("--summary", is_flag=True, help="Counts by route, reason, namespace, decision.")
-@click.option("--cloudwatch-log-group", "log_group", metavar="GROUP",
-              help="Read a CloudWatch Logs group (FilterLogEvents).")
-@click.option("--log-stream-prefix", "stream_prefix", metavar="P",
-              help="Only log streams starting with P.")
+@click.option(
+    "--cloudwatch-log-group",
+    "log_group",
+    metavar="GROUP",
+    help="Read a CloudWatch Logs group (FilterLogEvents).",
+)
+@click.option(
+    "--log-stream-prefix", "stream_prefix", metavar="P", help="Only log streams starting with P."
+)
 def audit(sources: tuple[str, ...], since: str | None, until: str | None,
           namespaces: tuple[str, ...], images: tuple[str, ...], reasons: tuple[str, ...],
           decisions: tuple[str, ...], users: tuple[str, ...], owners: tuple[str, ...],
