@@ -347,13 +347,17 @@ def test_table(logs: Logs) -> None:
     text = out.decode()
     lines = text.splitlines()
     assert all(len(x) <= 80 for x in lines), [x for x in lines if len(x) > 80]
-    assert lines[0].split() == ["TIME", "NAMESPACE/POD", "CONTAINER", "REASON"]
+    assert lines[0].split() == ["TIME", "REASON", "NAMESPACE/POD", "CONTAINER"]
     recs = _records(logs)
     rows = sum(1 for r in recs for c in r["containers"] if c["action"] in ("rewrite", "warn"))
     rows += sum(1 for r in recs if r["decision"] == "error")
     row_lines = [x for x in lines if re.match(r"\d\d:\d\d:\d\d  ", x)]
     assert len(row_lines) == rows
-    assert "→ 491585149902.dkr.ecr.ap-southeast-4/amazon-k8s-cni:v1.19.2-eksbuild.1" in text
+    assert (
+        "  amazon-k8s-cni:v1.19.2-eksbuild.1\n"
+        "  602401143452.dkr.ecr.ap-southeast-4 → 491585149902.dkr.ecr.ap-southeast-4\n"
+    ) in text
+    assert "  (dry run: the pod was not created)" in text
     assert "kube-system/aws-node-*" in text and "team-a/tool" in text
     assert f"{len(recs)} records matched" in text
 
@@ -361,7 +365,7 @@ def test_table(logs: Logs) -> None:
 def test_table_of_errors(logs: Logs) -> None:
     code, out, _ = cli(str(logs.a_log), str(logs.b_dir), "--decision", "error")
     assert code == 0
-    text = out.decode().replace("\n" + " " * 10, " ")  # unfold long texts
+    text = out.decode().replace("\n  ", " ")  # unfold long texts
     assert text.count("RuntimeError: probe of 999999999999") == ROUNDS
     assert text.count("team-b/f") == ROUNDS
 

@@ -184,9 +184,15 @@ def certs_bootstrap(
 
 
 @cli.command()
-@click.argument("sources", nargs=-1)
-@click.option("--since", help="Only records at or after: a duration (2h, 1h30m, 7d) or RFC 3339.")
-@click.option("--until", help="Only records before: a duration or an RFC 3339 time.")
+@click.argument("sources", nargs=-1, metavar="[SOURCE]...")
+@click.option(
+    "--since",
+    metavar="WHEN",
+    help="Only records at or after: a duration (2h, 1h30m, 7d) or RFC 3339.",
+)
+@click.option(
+    "--until", metavar="WHEN", help="Only records before: a duration or an RFC 3339 time."
+)
 @click.option("--namespace", "namespaces", multiple=True, help="Pod namespace (repeatable).")
 @click.option(
     "--image",

@@ -658,8 +658,8 @@ def fold(text: str, width: int) -> list[str]:
     return textwrap.wrap(text, width, break_long_words=True, break_on_hyphens=False) or [""]
 
 
-TABLE_HEADER = f"{'TIME':<8}  {'NAMESPACE/POD':<28}  {'CONTAINER':<14}  REASON"
-_INDENT = 10
+TABLE_HEADER = f"{'TIME':<8}  {'REASON':<17}  {'NAMESPACE/POD':<30}  CONTAINER"
+_INDENT = 2
 
 
 def pod_label(record: Mapping[str, Any]) -> str:
@@ -680,10 +680,36 @@ def table_rows(hit: Hit, by_container: bool) -> list[Mapping[str, Any]]:
     return [c for c in hit.containers if c.get("action") in ("rewrite", "warn")]
 
 
+def row_head(clock: str, reason: str, pod: str, container: str) -> str:
+    """The first line of a row: aligned columns while they fit, the pod name
+    shortened (in the middle) only when the line would pass ``WIDTH``."""
+    head = f"{clock:<8}  {reason:<17}  "
+    line = f"{head}{pod:<30}  {container}"
+    if len(line) > WIDTH:
+        room = max(WIDTH - len(head) - 2 - len(container), 20)
+        line = f"{head}{clip(pod, room)}  {container}"
+    return clip(line, WIDTH)
+
+
+def image_lines(source: str, target: object) -> list[str]:
+    """The image of a row.  A rewrite that keeps the repository path (all but a
+    mirror with a prefix) shows the path, then the registry route; otherwise
+    the old and the new reference.  ECR domains are dropped (``short_image``)."""
+    src = short_image(source)
+    if not isinstance(target, str) or not target:
+        return _indented(src)
+    dst = short_image(target)
+    s_host, _, s_path = src.partition("/")
+    d_host, _, d_path = dst.partition("/")
+    if s_path and s_path == d_path:
+        return _indented(s_path) + _indented(f"{s_host} → {d_host}")
+    return _indented(src) + _indented("→ " + dst)
+
+
 class TableRenderer:
     """Streams the table: a date line when the day changes, then per row
-    ``TIME NAMESPACE/POD CONTAINER REASON`` and the image lines under it
-    (``→`` marks the new image).  Every line fits ``WIDTH`` columns."""
+    ``TIME REASON NAMESPACE/POD CONTAINER`` and the image lines under it.
+    Every line fits ``WIDTH`` columns; long texts are folded, not cut."""
 
     def __init__(self, by_container: bool) -> None:
         self.by_container = by_container
@@ -707,32 +733,24 @@ class TableRenderer:
         if day != self.day:
             out.append(f"# {day} (UTC)")
             self.day = day
-        pod = clip(pod_label(rec), 28)
-        flag = " (dry run)" if rec.get("dryRun") is True else ""
+        pod = pod_label(rec)
+        dry = _indented("(dry run: the pod was not created)") if rec.get("dryRun") is True else []
         if error and not containers:
-            out.append(clip(f"{clock:<8}  {pod:<28}  {'-':<14}  error{flag}", WIDTH))
-            out += _indented(error)
+            out.append(row_head(clock, "error", pod, "-"))
+            out += _indented(error) + dry
             self.rows += 1
             return out
         for c in containers:
-            name = clip(_str(c.get("container")), 14)
-            out.append(clip(f"{clock:<8}  {pod:<28}  {name:<14}  {_str(c.get('reason'))}{flag}",
-                            WIDTH))  # fmt: skip
-            out += _indented(short_image(_str(c.get("from"))))
-            to = c.get("to")
-            if isinstance(to, str) and to:
-                out += _indented(short_image(to), "→ ")
+            out.append(row_head(clock, _str(c.get("reason")), pod, _str(c.get("container"))))
+            out += image_lines(_str(c.get("from")), c.get("to")) + dry
             self.rows += 1
         if error:
             out += _indented(error)
         return out
 
 
-def _indented(text: str, mark: str = "") -> list[str]:
-    """``text`` folded under the NAMESPACE/POD column, ``mark`` hanging to its left."""
-    lines = fold(text, WIDTH - _INDENT)
-    first = " " * (_INDENT - len(mark)) + mark + lines[0]
-    return [first] + [" " * _INDENT + line for line in lines[1:]]
+def _indented(text: str) -> list[str]:
+    return [" " * _INDENT + line for line in fold(text, WIDTH - _INDENT)]
 
 
 def table_footer(matched: int, rows: int, silent: int, decisions: Mapping[str, int]) -> str:
