@@ -139,7 +139,7 @@ def file_hits(scanner: q.Scanner, name: str, problems: Problems) -> Iterator[q.H
     """
     where = "<stdin>" if name == STDIN else name
     f = open_binary(name)
-    scan = scanner.scan
+    scan, scan_lines = scanner.scan, scanner.scan_lines
     n = 0  # lines before the current block
     rest = b""
     try:
@@ -151,21 +151,18 @@ def file_hits(scanner: q.Scanner, name: str, problems: Problems) -> Iterator[q.H
             if rest:
                 lines[0] = rest + lines[0]
             rest = lines.pop()
-            for i, line in enumerate(lines, n + 1):
-                r = scan(line)
-                if r is None:
-                    continue
+            for i, r in scan_lines(lines):
                 if isinstance(r, str):
-                    problems.add(f"{where}:{i}", r)
-                    continue
-                yield r
+                    problems.add(f"{where}:{n + i + 1}", r)
+                else:
+                    yield r
             n += len(lines)
         if rest:  # a last line without its newline (the writer stopped mid-line)
-            r = scan(rest)
-            if isinstance(r, str):
-                problems.add(f"{where}:{n + 1}", r)
-            elif r is not None:
-                yield r
+            last = scan(rest)
+            if isinstance(last, str):
+                problems.add(f"{where}:{n + 1}", last)
+            elif last is not None:
+                yield last
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         # A gzip stream cut short (a rotation copied while it was being written):
         # what was read counts; the rest is damage, noted like a corrupt line.

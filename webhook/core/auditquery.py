@@ -400,6 +400,49 @@ class Scanner:
             return self._canonical(line[i + 1 :])
         return self._shaped(line)
 
+    def scan_lines(self, lines: Iterable[bytes]) -> list[tuple[int, Hit | str]]:
+        """``scan`` over many lines (a block of a file): (index, result) of each
+        line that gave a ``Hit`` or a problem.
+
+        The same decisions as ``scan``; the common case (a well-formed v1 line
+        as the server writes it) is inlined in one loop with local names,
+        which is most of the time spent per line in a filtered query.
+        """
+        out: list[tuple[int, Hit | str]] = []
+        canon, endings, groups = CANON_V1, _ENDINGS, self._groups
+        since, until, bounded = self._since, self._until, self._bounded
+        slow, parse = self.scan, self._parse
+        records = 0
+        for i, line in enumerate(lines):
+            if not (line.startswith(canon) and line.endswith(endings) and line.isascii()):
+                r = slow(line)
+                if r is not None:
+                    out.append((i, r))
+                continue
+            records += 1
+            if bounded:
+                k = line.find(TS_KEY)
+                if k >= 0:
+                    ts = line[k + 28 : k + 28 + TS_LEN]
+                    if ts.endswith(b"Z") and (
+                        (since is not None and ts < since) or (until is not None and ts >= until)
+                    ):
+                        continue
+            ok = True
+            for group in groups:
+                for needle in group:
+                    if needle in line:
+                        break
+                else:
+                    ok = False
+                    break
+            if ok:
+                r = parse(line)
+                if r is not None:
+                    out.append((i, r))
+        self.counts.records += records
+        return out
+
     def _canonical(self, line: bytes) -> Hit | str | None:
         """A line starting like a record as the server writes it: the fast path.
 
@@ -433,11 +476,14 @@ class Scanner:
                         break
                 else:
                     return None
+        return self._parse(line)
+
+    def _parse(self, line: bytes) -> Hit | str | None:
         raw = line.rstrip(b"\r\n")
         try:
             record = json.loads(raw)
         except ValueError:
-            counts.invalid_json += 1
+            self.counts.invalid_json += 1
             return INVALID_JSON
         return self._check(raw, record)
 
