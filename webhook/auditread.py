@@ -26,7 +26,6 @@ stream cut short) is counted and noted on stderr, never fatal.
 
 from __future__ import annotations
 
-import gzip
 import heapq
 import io
 import json
@@ -113,40 +112,60 @@ def _wanted(p: Path) -> bool:
     return p.is_file() and not p.name.startswith(".") and p.suffix != ".lock"
 
 
-def open_binary(name: str) -> io.BufferedIOBase:
-    """A file (or stdin) as bytes, gunzipped when it starts with gzip's magic number."""
+def open_blocks(name: str) -> tuple[io.BufferedReader, Iterator[bytes]]:
+    """A file (or stdin) and its content in blocks, gunzipped when it starts
+    with gzip's magic number.  ``read1`` returns what a pipe has, so records
+    from a live ``kubectl logs -f`` are not held back until a block fills."""
     if name == STDIN:
         raw = cast(io.BufferedReader, sys.stdin.buffer)
-        peek = raw.peek(2)[:2]
+        gz = raw.peek(2)[:2] == GZIP_MAGIC
     else:
         try:
             raw = open(name, "rb")  # noqa: SIM115 - closed by the reader
         except OSError as exc:
             raise InputError(f"{name}: cannot open: {exc.strerror}") from exc
-        peek = raw.read(2)
+        gz = raw.read(2) == GZIP_MAGIC
         raw.seek(0)
-    if peek == GZIP_MAGIC:
-        return gzip.GzipFile(fileobj=raw, mode="rb")
-    return raw
+    return raw, gunzip(raw) if gz else iter(lambda: raw.read1(BLOCK), b"")
+
+
+def gunzip(raw: io.BufferedReader) -> Iterator[bytes]:
+    """Decompressed blocks of a gzip stream (several members, as ``cat a.gz b.gz``, too).
+
+    Unlike ``gzip.GzipFile``, which raises before returning the data of a
+    stream that ends early, this yields everything that decompresses, then
+    raises ``EOFError``: a backup cut short by a copy during rotation loses
+    only its tail.
+    """
+    d = zlib.decompressobj(zlib.MAX_WBITS | 16)
+    fed = False
+    while data := raw.read1(BLOCK):
+        while data:
+            out = d.decompress(data)
+            fed = True
+            if out:
+                yield out
+            if d.eof:
+                data, d, fed = d.unused_data, zlib.decompressobj(zlib.MAX_WBITS | 16), False
+            else:
+                data = b""
+    if fed and not d.eof:
+        raise EOFError("compressed data ends before the end of its stream")
 
 
 def file_hits(scanner: q.Scanner, name: str, problems: Problems) -> Iterator[q.Hit]:
     """The matching records of one file or stdin, in file order.
 
-    Reads in large blocks split at newlines (a third of the cost of reading
-    line by line); ``read1`` returns what a pipe has, so records from a live
-    ``kubectl logs -f`` are not held back until a block fills.
+    Reads in large blocks split at newlines, which costs a third of reading
+    line by line.
     """
     where = "<stdin>" if name == STDIN else name
-    f = open_binary(name)
+    raw, blocks = open_blocks(name)
     scan, scan_lines = scanner.scan, scanner.scan_lines
     n = 0  # lines before the current block
     rest = b""
     try:
-        while True:
-            block = f.read1(BLOCK)
-            if not block:
-                break
+        for block in blocks:
             lines = block.split(b"\n")
             if rest:
                 lines[0] = rest + lines[0]
@@ -163,16 +182,16 @@ def file_hits(scanner: q.Scanner, name: str, problems: Problems) -> Iterator[q.H
                 problems.add(f"{where}:{n + 1}", last)
             elif last is not None:
                 yield last
-    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        # A gzip stream cut short (a rotation copied while it was being written):
-        # what was read counts; the rest is damage, noted like a corrupt line.
+    except (EOFError, zlib.error) as exc:
+        # A gzip stream cut short or damaged: what was read counts; the rest is
+        # damage, noted like a corrupt line.
         scanner.counts.truncated += 1
         problems.add(f"{where}:{n + 1}", f"compressed data cut short or damaged ({exc})")
     except OSError as exc:
         raise InputError(f"{where}: read failed after line {n}: {exc}") from exc
     finally:
         if name != STDIN:
-            f.close()
+            raw.close()
 
 
 def cloudwatch_events(
@@ -315,7 +334,7 @@ def run(query: Query, out: IO[bytes], err: IO[str]) -> int:
                 summary.add(hit)
             if query.output == "json":
                 doc = summary.as_json(scanner.counts)
-                out.write(json.dumps(doc, indent=2).encode() + b"\n")
+                out.write(json.dumps(doc, indent=2, ensure_ascii=False).encode() + b"\n")
             else:
                 out.write(("\n".join(q.render_summary(summary)) + "\n").encode())
         elif query.output == "json":
