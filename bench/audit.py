@@ -5,8 +5,10 @@ records are built by the project's own ``build_record`` from real ``admit``
 outcomes (aws-node pods, workloads in 20 namespaces, skipped and failed-open
 admissions) and written once, as ``webhook.auditlog`` writes them, to a
 temporary file.  Then each query runs in this process (one core) with its
-output going to /dev/null, and the figures are printed: wall and CPU time,
-records per second.  Asserts nothing (tests never assert on time).
+output going to /dev/null, and the figures are printed: wall and CPU time of
+this process, and records per second by each.  On a machine shared with other
+work the wall time includes waiting for a core, so records per CPU second is
+the figure for "one core".  Asserts nothing (tests never assert on time).
 
 Run: ``.venv/bin/python bench/audit.py [N] [--keep FILE]``.
 """
@@ -113,8 +115,8 @@ def measure(label: str, path: Path, n: int, **kw: Any) -> None:
         wall, cpu = time.perf_counter(), time.process_time()
         code = auditread.run(query, out, err)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    print(f"{label:<44} {wall:6.2f} s wall {cpu:6.2f} s cpu  {n / wall:>9,.0f} records/s"
-          f"  (exit {code})")  # fmt: skip
+    print(f"{label:<38} {wall:6.2f} s wall {n / wall:>9,.0f}/s | {cpu:6.2f} s cpu "
+          f"{n / cpu:>9,.0f}/s  (exit {code})", flush=True)  # fmt: skip
 
 
 def main() -> None:
@@ -129,7 +131,7 @@ def main() -> None:
         generate(path, args.n)
     size = path.stat().st_size
     print(f"{args.n:,} records, {size / 1e6:,.0f} MB, written in {time.perf_counter() - t0:.1f} s"
-          f" ({path})")  # fmt: skip
+          f" ({path})", flush=True)  # fmt: skip
     n = args.n
     measure("no filter, --output json", path, n, output="json")
     measure("no filter, table", path, n)

@@ -197,13 +197,23 @@ def test_prefilter_never_drops_a_match(recs: list[bytes], filters: dict[str, Any
     expected = [r.rstrip(b"\n") for r in recs if q.select(json.loads(r), f) is not None]
     assert [h.raw for h in hits] == expected
     # The block scanner decides exactly as the line scanner, damage included.
-    lines = [*recs, recs[0][:40], recs[-1].replace(b'"v1"', b'"v9"'), b"noise"]
+    lines = [
+        *recs,
+        recs[0][:40],
+        recs[-1].replace(b'"v1"', b'"v9"'),
+        b"noise",
+        recs[0].replace(b"CREATE", b"CR\xc3\x89ATE"),
+        recs[0].replace(b"CREATE", b"\xff"),
+    ]
     block = q.Scanner(f)
     by_line = q.Scanner(f)
     got = block.scan_lines(lines)
     want = [(i, r) for i, r in enumerate(map(by_line.scan, lines)) if r is not None]
     assert got == want
     assert block.counts == by_line.counts
+    whole = q.Scanner(f)  # with the block-wide shortcuts
+    assert whole.scan_lines(lines, b"\n".join(lines)) == want
+    assert whole.counts == by_line.counts
 
 
 # --------------------------------------------------------------------- shapes and damage

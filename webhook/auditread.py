@@ -170,7 +170,7 @@ def file_hits(scanner: q.Scanner, name: str, problems: Problems) -> Iterator[q.H
             if rest:
                 lines[0] = rest + lines[0]
             rest = lines.pop()
-            for i, r in scan_lines(lines):
+            for i, r in scan_lines(lines, block):
                 if isinstance(r, str):
                     problems.add(f"{where}:{n + i + 1}", r)
                 else:
