@@ -139,7 +139,7 @@ def check_daemonset_pods(c: Cluster, namespace: str, name: str, images: dict[str
     # One admission per Pod, by the controller, under its own ServiceAccount.
     records = [
         r
-        for r in c.webhook.core.audit.records()
+        for r in c.webhook.audit.records()
         if r["objectRef"]["namespace"] == namespace
         and r["owner"] == {"kind": "DaemonSet", "name": name}
     ]
