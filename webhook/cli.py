@@ -280,6 +280,52 @@ def scan(**kwargs: Any) -> None:
     sys.exit(run(ScanOptions(**kwargs), sys.stdout))
 
 
+# fmt: off
+@cli.command()
+@click.argument("sources", nargs=-1, metavar="[SOURCE]...")
+@click.option("--since", metavar="WHEN", help="Records at or after: a duration (2h) or RFC 3339.")
+@click.option("--until", metavar="WHEN", help="Records before: a duration or RFC 3339.")
+@click.option("--namespace", "namespaces", multiple=True, help="Pod namespace (repeatable).")
+@click.option("--image", "images", multiple=True, metavar="GLOB",
+              help="A container's from or to image matches (repeatable).")
+@click.option("--reason", "reasons", multiple=True, help="Container reason code (repeatable).")
+@click.option("--decision", "decisions", multiple=True,
+              type=click.Choice(("patched", "unchanged", "skipped", "error")))
+@click.option("--user", "users", multiple=True, help="Requesting username (repeatable).")
+@click.option("--owner", "owners", multiple=True, metavar="KIND/NAME",
+              help="Controlling owner, e.g. DaemonSet/aws-node (repeatable).")
+@click.option("--dry-run/--no-dry-run", "dry_run", default=None,
+              help="Only requests with (without) dryRun.  Default: both.")
+@click.option("-o", "--output", type=click.Choice(("table", "json")), default="table",
+              show_default=True, help="json: matching records as logged, one per line.")
+@click.option("--summary", is_flag=True, help="Counts by route, reason, namespace, decision.")
+@click.option("--cloudwatch-log-group", "log_group", metavar="GROUP",
+              help="Read a CloudWatch Logs group (FilterLogEvents).")
+@click.option("--log-stream-prefix", "stream_prefix", metavar="P",
+              help="Only log streams starting with P.")
+def audit(sources: tuple[str, ...], since: str | None, until: str | None,
+          namespaces: tuple[str, ...], images: tuple[str, ...], reasons: tuple[str, ...],
+          decisions: tuple[str, ...], users: tuple[str, ...], owners: tuple[str, ...],
+          dry_run: bool | None, output: str, summary: bool, log_group: str | None,
+          stream_prefix: str | None) -> None:
+    """Query audit records: files, directories, gzip, - for stdin, or CloudWatch Logs.
+
+    Exit status: 0 when records matched, 1 when none did, 2 for bad usage or
+    unreadable input.
+    """
+    import time
+
+    from webhook import auditread
+    from webhook.core.auditquery import build_filters
+
+    filters = build_filters(since=since, until=until, now=time.time(), namespaces=namespaces,
+                            images=images, reasons=reasons, decisions=decisions, users=users,
+                            owners=owners, dry_run=dry_run)
+    query = auditread.Query(sources, filters, output, summary, log_group, stream_prefix)
+    sys.exit(auditread.run(query, sys.stdout.buffer, sys.stderr))
+# fmt: on
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run the CLI and map project errors to one-line messages and exit codes."""
     try:
