@@ -459,7 +459,7 @@ def _judge(name: str, path: str, image: str, ctx: PlanContext) -> Decision:
             said = f"; {none_available(own, probes[1 if own else 0:])}" if probes else ""
             return decided(Action.WARN, Reason.NO_TARGET, None, "",
                            f"{verdict.detail}; no target in the policy can serve it{said}")
-        assert verdict.reason is not None
+        assert verdict.reason is not None  # nosec B101  # a rewrite verdict has a reason; mypy narrowing
         return decided(Action.REWRITE, verdict.reason, chosen[0], chosen[1], verdict.detail)
     if own is not None and own.unavailable:
         # Probing proved the original unusable: only a candidate proven
