@@ -340,3 +340,21 @@ def test_summary_counts() -> None:
     assert all(len(x) <= q.WIDTH for x in text)
     assert "      3  602401143452.dkr.ecr.ap-southeast-4" in text
     assert "         → 491585149902.dkr.ecr.ap-southeast-4" in text
+
+
+def test_non_ascii_values_match_in_both_spellings() -> None:
+    """The server writes UTF-8 (orjson); earlier records escape non-ASCII as ``\\u``.
+
+    A user name with an accent is found in either spelling.  (Found by the
+    hypothesis test above once the writer moved to orjson: the pre-filter only
+    knew the escaped spelling and dropped the match.)
+    """
+    utf8 = line(user="josé")
+    assert "josé".encode() in utf8
+    escaped = json.dumps(json.loads(utf8), separators=(",", ":")).encode()
+    assert b"jos\\u00e9" in escaped
+    for raw in (utf8, escaped):
+        hits, _ = scan_all([raw], users=("josé",))
+        assert [h.record["user"]["username"] for h in hits] == ["josé"]
+    hits, _ = scan_all([utf8, escaped], users=("jose",))
+    assert hits == []

@@ -4,11 +4,12 @@ The shell (``webhook.auditread``) hands this module raw lines (``bytes``) from
 files, stdin or CloudWatch Logs; nothing here does I/O.
 
 Speed comes from not parsing what cannot match.  ``webhook.auditlog`` writes
-every record with ``json.dumps(record, separators=(",", ":"))`` and
+every record as compact JSON (``webhook.core.jsonc.dumps``) and
 ``webhook.core.audit.build_record`` fixes the key order, so a record as logged
 starts with ``{"kind":"EcrWebhookAudit","schemaVersion":"`` and spells every
-field the same way (``"namespace":"kube-system"``, ``"decision":"error"``;
-``ensure_ascii`` makes it pure ASCII).  For such a *canonical* line, a needed
+field the same way (``"namespace":"kube-system"``, ``"decision":"error"``; a
+non-ASCII character as itself in UTF-8, or as a ``\\u`` escape in records of
+earlier releases: the needles carry both spellings).  For such a *canonical* line, a needed
 substring that is absent proves the record cannot match, so ``Scanner``
 rejects it with a few ``bytes`` searches before any ``json.loads``; the
 requestReceivedTimestamp, fixed-width RFC 3339 UTC, is compared as bytes.  A
@@ -226,9 +227,16 @@ def build_filters(
     )
 
 
-def _js(value: str) -> bytes:
-    """``value`` as the audit writer encodes a JSON string (ASCII, escaped)."""
-    return json.dumps(value).encode()
+def _js(value: str) -> tuple[bytes, ...]:
+    """``value`` as a JSON string, in each spelling an audit writer uses.
+
+    The server writes UTF-8 (``webhook.core.jsonc``: non-ASCII characters as
+    themselves); records of earlier releases, and of the standard library's
+    fallback path, spell them as ``\\u`` escapes.  A needle must match either.
+    """
+    ascii_ = json.dumps(value).encode()
+    utf8 = json.dumps(value, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    return (ascii_,) if utf8 == ascii_ else (ascii_, utf8)
 
 
 def _glob_literal(glob: str) -> str:
@@ -246,22 +254,22 @@ def needles(f: Filters) -> tuple[tuple[bytes, ...], ...]:
     """
     groups: list[tuple[bytes, ...]] = []
     if f.namespaces:
-        groups.append(tuple(b'"namespace":' + _js(n) for n in f.namespaces))
+        groups.append(tuple(b'"namespace":' + j for n in f.namespaces for j in _js(n)))
     if f.decisions:
-        groups.append(tuple(b'"decision":' + _js(d) for d in f.decisions))
+        groups.append(tuple(b'"decision":' + j for d in f.decisions for j in _js(d)))
     if f.users:
-        groups.append(tuple(b'"username":' + _js(u) for u in f.users))
+        groups.append(tuple(b'"username":' + j for u in f.users for j in _js(u)))
     if f.reasons:
-        groups.append(tuple(b'"reason":' + _js(r) for r in f.reasons))
+        groups.append(tuple(b'"reason":' + j for r in f.reasons for j in _js(r)))
     if f.owners:
         # The owner's name only: its kind may be spelled in another case.
-        groups.append(tuple(_js(name) for _, name in f.owners))
+        groups.append(tuple(j for _, name in f.owners for j in _js(name)))
     if f.dry_run is not None:
         groups.append((b'"dryRun":true',) if f.dry_run else (b'"dryRun":false',))
     if f.images:
         literals = [_glob_literal(g) for g in f.images]
         if all(literals):
-            groups.append(tuple(_js(lit)[1:-1] for lit in literals))
+            groups.append(tuple(j[1:-1] for lit in literals for j in _js(lit)))
     return tuple(groups)
 
 
