@@ -123,6 +123,17 @@ def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
+
+def terminate(process: subprocess.Popen[Any]) -> None:
+    """SIGTERM (Distribution and moto_server drain and exit), SIGKILL after 10 s."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
 class CertAuthority:
     """One test CA whose file clients pass as ``--registry-ca``; it signs every
     registry's certificate, so the expired one fails on expiry, not on trust."""
@@ -395,13 +406,7 @@ class Registry:
         """SIGTERM (Distribution drains and exits), SIGKILL after 10 s."""
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        terminate(self.process)
         if self.process.stdout:
             self.process.stdout.close()
         self.process = None
@@ -635,13 +640,7 @@ class MotoServer:
     def stop(self) -> None:
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        terminate(self.process)
         self.process = None
 
 
