@@ -633,3 +633,18 @@ def test_cloudwatch_time_bounds_are_pushed_down(logs: Logs, cloudwatch: dict[str
     assert calls.params[0]["startTime"] == 4070908800000 - 60_000
     assert calls.params[1]["endTime"] == int(q.epoch(until) * 1000) + 15 * 60_000
     assert "endTime" not in calls.params[0] and "startTime" not in calls.params[1]
+
+
+def test_a_source_that_opens_but_cannot_be_read_is_one_line_exit_2() -> None:
+    """Found in review: /proc/self/mem opens, and its first read (EIO) was a traceback."""
+    code, out, err = cli("/proc/self/mem")
+    assert code == 2 and out == b""
+    assert err.strip() == "error: /proc/self/mem: cannot read: Input/output error"
+
+
+def test_times_out_of_range_are_one_line_exit_2(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    code, _, err = cli("--since", "99999999999999h", str(empty))
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith("error: --since: '99999999999999h' is out of the range")

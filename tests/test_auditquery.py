@@ -86,6 +86,15 @@ def test_bad_times_name_the_flag(text: str) -> None:
     assert exc.value.exit_code == 2
 
 
+@pytest.mark.parametrize("text", ["99999999999999h", "0001-01-01T00:00:00+01:00",
+                                  "9999-12-31T23:59:59-01:00"])  # fmt: skip
+def test_times_out_of_range_are_config_errors_not_tracebacks(text: str) -> None:
+    """Found in review: gmtime and datetime overflowed with a traceback."""
+    with pytest.raises(ConfigError, match=r"--since.*out of the range") as exc:
+        q.parse_bound(text, NOW, "--since")
+    assert exc.value.exit_code == 2
+
+
 def test_iso_matches_the_writer() -> None:
     from webhook.core.audit import _iso
 

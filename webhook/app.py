@@ -117,23 +117,35 @@ def decode(read_timeout: float = 5.0) -> object:
         # Chunked: no length up front.  Werkzeug would silently cut the stream
         # at MAX_CONTENT_LENGTH (then "not valid JSON"), so read it here, one
         # byte past the limit at most.
-        raw = _read_at_most(stream, MAX_BODY + 1)
+        raw = _read_at_most(stream, MAX_BODY + 1, deadline)
         if len(raw) > MAX_BODY:
             _discard(stream, DRAIN_LIMIT - len(raw), deadline)
             raise BodyProblem(413, f"chunked body is over the limit of {MAX_BODY} bytes")
     else:
-        raw = _read_at_most(stream, length)  # wsgi.input itself: no werkzeug wrapper
+        raw = _read_at_most(stream, length, deadline)  # wsgi.input itself: no werkzeug wrapper
     try:
         return jsonc.loads(raw)
     except (ValueError, RecursionError) as exc:
         raise BodyProblem(400, f"the body is not valid JSON: {exc}") from None
 
 
-def _read_at_most(stream: Any, limit: int) -> bytes:
+def _read_at_most(stream: Any, limit: int, deadline: float) -> bytes:
+    """Up to ``limit`` bytes of the body, read before ``deadline`` (monotonic).
+
+    The worker hands a thread a request only once it has arrived, except one
+    it cannot frame or one over the size limit (say a chunk size of 64 MiB):
+    such a body may trickle in, and without a deadline it would hold the
+    thread for as long as the client keeps sending a byte now and then.
+    """
     parts: list[bytes] = []
     size = 0
     while size < limit:
-        chunk = stream.read(min(limit - size, 1024 * 1024))
+        if time.monotonic() >= deadline:
+            raise BodyProblem(400, "the body did not arrive within the read timeout")
+        try:
+            chunk = stream.read(min(limit - size, 64 * 1024))
+        except OSError:  # the socket's own timeout, or the client went away
+            raise BodyProblem(400, "the body did not arrive within the read timeout") from None
         if not chunk:
             break
         parts.append(chunk)

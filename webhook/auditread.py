@@ -124,8 +124,12 @@ def open_blocks(name: str) -> tuple[io.BufferedReader, Iterator[bytes]]:
             raw = open(name, "rb")  # noqa: SIM115 - closed by the reader
         except OSError as exc:
             raise InputError(f"{name}: cannot open: {exc.strerror}") from exc
-        gz = raw.read(2) == GZIP_MAGIC
-        raw.seek(0)
+        try:
+            gz = raw.read(2) == GZIP_MAGIC
+            raw.seek(0)
+        except OSError as exc:  # opens but cannot be read or rewound (EIO, a device)
+            raw.close()
+            raise InputError(f"{name}: cannot read: {exc.strerror or exc}") from exc
     return raw, gunzip(raw) if gz else iter(lambda: raw.read1(BLOCK), b"")
 
 

@@ -114,7 +114,10 @@ def parse_time(value: str, now: float, flag: str = "--since") -> float:
     Raises ``ConfigError`` (exit 2) naming the flag and the value.
     """
     t = _parse(value, now, flag)
-    return t.timestamp() if isinstance(t, datetime) else t
+    try:
+        return t.timestamp() if isinstance(t, datetime) else t
+    except (OverflowError, OSError, ValueError):
+        raise _out_of_range(value, flag) from None
 
 
 def parse_bound(value: str, now: float, flag: str) -> str:
@@ -124,9 +127,17 @@ def parse_bound(value: str, now: float, flag: str) -> str:
     off by a microsecond for some values.
     """
     t = _parse(value, now, flag)
-    if isinstance(t, datetime):
-        return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    return iso(t)
+    try:
+        if isinstance(t, datetime):
+            return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        return iso(t)
+    except (OverflowError, OSError, ValueError):  # gmtime and datetime have limits
+        raise _out_of_range(value, flag) from None
+
+
+def _out_of_range(value: str, flag: str) -> ConfigError:
+    return ConfigError(f"{flag}: {value!r} is out of the range of times this tool can compare "
+                       "(years 1 to 9999, UTC)")
 
 
 def iso(ts: float) -> str:

@@ -38,7 +38,16 @@ class RequestScanner:
     body arriving in many small pieces costs linear time in total.
     """
 
-    def __init__(self, max_body: int, max_header: int = 64 * 1024) -> None:
+    # A header section is handed over only when it is larger than anything
+    # gunicorn's parser accepts (limit_request_line 4094 + limit_request_fields
+    # 100 x limit_request_field_size 8190, about 820 KB, gunicorn's defaults),
+    # so the thread that gets it finds gunicorn's limit already crossed in the
+    # bytes at hand and answers 400 at once.  A smaller limit handed gunicorn a
+    # half-read header section, which it then read on a thread, a byte now and
+    # then, for as long as the client liked.
+    MAX_HEADER = 1024 * 1024
+
+    def __init__(self, max_body: int, max_header: int = MAX_HEADER) -> None:
         self.max_body = max_body
         self.max_header = max_header
         self.reset()
