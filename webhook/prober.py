@@ -798,7 +798,7 @@ def probe_documents(docs: Sequence[Any], ctx: PlanContext, options: ProbeOptions
         return ctx
     prober = Prober(options.settings(ctx.policy))
     try:
-        prober.label_hosts = frozenset(m.registry.lower() for m in ctx.policy.mirrors)
+        prober.label_hosts = mirror_hosts(ctx.policy)
         prober.prepare(refs.values())
         evidence = prober.probe_all(list(refs.values()))
     finally:
@@ -814,6 +814,12 @@ def budget_for(ctx: PlanContext, flag: float | None, default: float) -> float:
     if flag is not None:
         return flag
     return ctx.policy.probe.timeout or default
+
+
+def mirror_hosts(policy: Policy) -> frozenset[str]:
+    """Hosts of the policy's mirrors: with the official EKS registries, the only
+    registries a metrics label may name (labels stay bounded)."""
+    return frozenset(m.registry.split(":")[0].lower() for m in policy.mirrors)
 
 
 class ProbingAdmit:
@@ -838,6 +844,7 @@ class ProbingAdmit:
         self.budget = budget
         self.default_budget = default_budget
         self.on_error = on_error
+        self._labelled: Policy | None = None  # the policy label_hosts was built from
 
     def __call__(self, body: object, ctx: PlanContext) -> review.Outcome:
         probe = ctx.policy.probe
@@ -847,9 +854,9 @@ class ProbingAdmit:
         if refs:
             try:
                 prober = self._get_prober()
-                prober.label_hosts = frozenset(
-                    m.registry.split(":")[0].lower() for m in ctx.policy.mirrors
-                )
+                if ctx.policy is not self._labelled:  # once per policy, not per admission
+                    prober.label_hosts = mirror_hosts(ctx.policy)
+                    self._labelled = ctx.policy
                 budget = budget_for(ctx, self.budget, self.default_budget)
                 evidence = prober.probe_all(refs, budget, probe.positive_ttl, probe.negative_ttl)
                 ctx = ctx.with_evidence(evidence)
@@ -894,7 +901,7 @@ def doctor(
     refs = {str(r): r for r in (ref, *pod_requests({}, spec, None, ctx))}
     prober = Prober(options.settings(policy))
     try:
-        prober.label_hosts = frozenset(m.registry.lower() for m in policy.mirrors)
+        prober.label_hosts = mirror_hosts(policy)
         prober.prepare(refs.values())
         evidence = prober.probe_all(list(refs.values()))
     finally:

@@ -375,8 +375,7 @@ def _image_facts(image: str, ctx: PlanContext) -> ImageFacts | None:
     except InvalidReferenceError:
         return None
     policy = ctx.policy
-    mirror = next((m for m in policy.mirrors if m.holds(ref.host, ref.path)), None)
-    upstream = mirror.strip(ref.path) if mirror else ref.path
+    mirror, upstream = _source(ref, policy)
     if not policy.manages(upstream) or not (mirror or ecr.looks_like_ecr(ref.host)):
         return None
     base = ctx.oracle.base if isinstance(ctx.oracle, EvidenceOracle) else ctx.oracle
@@ -428,6 +427,12 @@ def _decide_with_evidence(
     return Decision(name, path, j.image, j.action, j.reason, j.target, j.rule, j.detail, probes)
 
 
+def _source(ref: ImageRef, policy: Policy) -> tuple[MirrorTarget | None, str]:
+    """The policy mirror that holds ``ref`` (if any) and its upstream repository path."""
+    mirror = next((m for m in policy.mirrors if m.holds(ref.host, ref.path)), None)
+    return mirror, mirror.strip(ref.path) if mirror else ref.path
+
+
 def _judge(name: str, path: str, image: str, ctx: PlanContext) -> Decision:
     """The decision for one image, whatever container holds it."""
     try:
@@ -435,8 +440,7 @@ def _judge(name: str, path: str, image: str, ctx: PlanContext) -> Decision:
     except InvalidReferenceError as exc:
         return Decision(name, path, image, Action.WARN, Reason.INVALID_REFERENCE, None, "", exc.why)
     policy = ctx.policy
-    mirror = next((m for m in policy.mirrors if m.holds(ref.host, ref.path)), None)
-    upstream = mirror.strip(ref.path) if mirror else ref.path
+    mirror, upstream = _source(ref, policy)
     if not policy.manages(upstream) or not (mirror or ecr.looks_like_ecr(ref.host)):
         return Decision(name, path, image, Action.KEEP, Reason.NOT_MANAGED, None, "",
                         "not a managed repository")  # fmt: skip
@@ -523,13 +527,9 @@ def candidates_of(image: str, ctx: PlanContext) -> tuple[tuple[ImageRef, str], .
     except InvalidReferenceError:
         return ()
     policy = ctx.policy
-    mirror = next((m for m in policy.mirrors if m.holds(ref.host, ref.path)), None)
-    upstream = mirror.strip(ref.path) if mirror else ref.path
-    targets = policy.candidates
-    if policy.prefer_cluster_region and RegionTarget() not in targets:
-        targets = (*targets, RegionTarget())
+    _, upstream = _source(ref, policy)
     out: dict[str, tuple[ImageRef, str]] = {}
-    for t in targets:
+    for t in _probe_targets(policy):
         cand = _candidate(ref, upstream, t, ctx)
         if cand is not None and cand.name != ref.name:
             rule = "preferClusterRegion" if t not in policy.candidates else policy.rule_of(t)
