@@ -252,11 +252,12 @@ def create_app(
         audit = AuditLog(config.audit_log, max_bytes=config.audit_max_bytes,
                          backups=config.audit_backups)  # fmt: skip
 
-    def region_check() -> None:
+    def region_check(report: bool = True) -> None:
+        """The gauge, and (after a reload; the launcher says it once at start) the log line."""
         region = policy.context().cluster.region
         unknown = unknown_region(region)
         metrics.region_unknown.set(1 if unknown else 0)
-        if unknown:
+        if unknown and report:
             log.error(UNKNOWN_REGION_MESSAGE, err=f"unknown region {region}", region=region,
                       dataVersion=DATA_VERSION)  # fmt: skip
 
@@ -282,7 +283,7 @@ def create_app(
     policy = PolicyHolder(config.policy_file, config.region, os.environ if env is None else env,
                           oracle=oracle, on_reload=policy_reloaded,
                           fallback_regions=config.fallback_regions)  # fmt: skip
-    metrics.region_unknown.set(1 if unknown_region(policy.context().cluster.region) else 0)
+    region_check(report=False)
     if admit is review.admit:
         admit = _probing_admit(config, policy, metrics, log)
     if certificate is None:
