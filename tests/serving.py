@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -319,3 +319,39 @@ class ServerProcess:
             if not isinstance(f, int):
                 f.close()
         return int(self.proc.returncode)
+
+
+class Served:
+    """A ``serve`` under test: its directory (certificates, audit log), process and port."""
+
+    def __init__(self, tmp: Path, proc: ServerProcess, port: int) -> None:
+        self.tmp, self.proc, self.port = tmp, proc, port
+        self.ctx = apiserver_tls_context(tmp / "ca.crt")
+
+    def tls(self) -> ssl.SSLSocket:
+        """A raw TLS connection to the admission port, as the apiserver opens it."""
+        raw = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        return self.ctx.wrap_socket(raw, server_side=False, server_hostname="localhost")
+
+
+@contextlib.contextmanager
+def served(tmp: Path, *flags: str) -> Iterator[Served]:
+    """``ecr-webhook serve`` on loopback with a fresh certificate, the region of these
+    tests and an audit file in ``tmp``, plus ``flags``; ready on entry, and stopped
+    cleanly (exit 0) on exit."""
+    from webhook import certs
+
+    certs.write_bundle(certs.build_certificate(["localhost"], ["127.0.0.1"]), tmp)
+    port = free_port()
+    argv = [*ecr_webhook(), "serve", "--host", "127.0.0.1", "--port", str(port),
+            "--metrics-port", str(free_port()), "--cert-file", str(tmp / "tls.crt"),
+            "--key-file", str(tmp / "tls.key"), "--region", REGION,
+            "--audit-log", str(tmp / "audit.log"), *flags]  # fmt: skip
+    proc = ServerProcess(argv, stderr=tmp / "stderr.log")
+    srv = Served(tmp, proc, port)
+    try:
+        proc.wait_ready(port, srv.ctx)
+        yield srv
+    finally:
+        code = proc.stop()
+    assert code == 0, proc.stderr()

@@ -24,46 +24,26 @@ import pytest
 
 from tests.loadgen import audit_ids, body_template, hey, paced, rss_kib
 from tests.serving import (
-    REGION,
-    ServerProcess,
+    Served,
     admission_review,
-    apiserver_tls_context,
     aws_node_pod,
-    ecr_webhook,
-    free_port,
+    served,
 )
-from webhook import certs
 
 pytestmark = pytest.mark.slow
 
 
-class Server:
-    def __init__(self, tmp: Path, proc: ServerProcess, port: int) -> None:
-        self.tmp, self.proc, self.port = tmp, proc, port
-        self.ctx = apiserver_tls_context(tmp / "ca.crt")
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    certs.write_bundle(certs.build_certificate(["localhost"], ["127.0.0.1"]), tmp_path)
-    port = free_port()
-    argv = [*ecr_webhook(), "serve", "--host", "127.0.0.1", "--port", str(port),
-            "--metrics-port", str(free_port()), "--cert-file", str(tmp_path / "tls.crt"),
-            "--key-file", str(tmp_path / "tls.key"), "--region", REGION,
-            "--audit-log", str(tmp_path / "audit.log")]  # fmt: skip
-    proc = ServerProcess(argv, stderr=tmp_path / "stderr.log")
-    srv = Server(tmp_path, proc, port)
-    try:
-        proc.wait_ready(port, srv.ctx)
+def server(tmp_path: Path) -> Iterator[Served]:
+    with served(tmp_path) as srv:
         yield srv
-    finally:
-        code = proc.stop()
-    assert code == 0, proc.stderr()
 
 
 @pytest.mark.parametrize("connections", [128, 512])
 def test_a_storm_of_keep_alive_tls_connections_is_answered_without_timeouts(
-    server: Server, connections: int
+    server: Served, connections: int
 ) -> None:
     assert shutil.which("hey"), "hey is installed by .ci/run (apt-get install -y hey)"
     body = server.tmp / "review.json"
@@ -78,7 +58,7 @@ def test_a_storm_of_keep_alive_tls_connections_is_answered_without_timeouts(
     assert len(audit_ids(server.tmp / "audit.log")) == result.ok
 
 
-def test_a_short_soak_loses_no_record_and_does_not_grow(server: Server) -> None:
+def test_a_short_soak_loses_no_record_and_does_not_grow(server: Served) -> None:
     template = body_template(admission_review(aws_node_pod()))
     warm = paced(server.port, server.ctx, template, rate=200, seconds=5, prefix="warm")
     assert not warm.errors, warm.errors[:3]

@@ -21,21 +21,16 @@ import ssl
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.serving import (
-    REGION,
-    ServerProcess,
+    Served,
     admission_review,
-    apiserver_tls_context,
-    ecr_webhook,
-    free_port,
     get,
     post_review,
+    served,
 )
-from webhook import certs
 
 pytestmark = pytest.mark.slow
 
@@ -45,34 +40,13 @@ READ_TIMEOUT = 2
 HANDSHAKE_TIMEOUT = 10  # webhook.server.HANDSHAKE_TIMEOUT (Go's TLSHandshakeTimeout)
 
 
-class Server:
-    def __init__(self, tmp: Path, proc: ServerProcess, port: int) -> None:
-        self.tmp, self.proc, self.port = tmp, proc, port
-        self.ctx = apiserver_tls_context(tmp / "ca.crt")
-
-    def tls(self) -> ssl.SSLSocket:
-        raw = socket.create_connection(("127.0.0.1", self.port), timeout=10)
-        return self.ctx.wrap_socket(raw, server_hostname="localhost")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    tmp = tmp_path_factory.mktemp("slow")
-    certs.write_bundle(certs.build_certificate(["localhost"], ["127.0.0.1"]), tmp)
-    port = free_port()
-    argv = [*ecr_webhook(), "serve", "--host", "127.0.0.1", "--port", str(port),
-            "--metrics-port", str(free_port()), "--cert-file", str(tmp / "tls.crt"),
-            "--key-file", str(tmp / "tls.key"), "--region", REGION,
-            "--audit-log", str(tmp / "audit.log"), "--workers", "2", "--threads", "8",
-            "--read-timeout", str(READ_TIMEOUT)]  # fmt: skip
-    proc = ServerProcess(argv, stderr=tmp / "stderr.log")
-    srv = Server(tmp, proc, port)
-    try:
-        proc.wait_ready(port, srv.ctx)
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    with served(tmp_path_factory.mktemp("slow"), "--workers", "2", "--threads", "8",
+                "--read-timeout", str(READ_TIMEOUT)) as srv:  # fmt: skip
         yield srv
-    finally:
-        code = proc.stop()
-    assert code == 0, proc.stderr()
 
 
 def request_head(length: int, *, chunked: bool = False) -> bytes:
@@ -114,7 +88,7 @@ def closed_by_server(sock: socket.socket, within: float) -> bool:
         return True  # the server's alert or a torn record: the connection is gone
 
 
-def test_64_stalled_connections_do_not_stop_admissions_or_healthz(server: Server) -> None:
+def test_64_stalled_connections_do_not_stop_admissions_or_healthz(server: Served) -> None:
     stalled: list[tuple[str, socket.socket]] = []
     try:
         for _ in range(32):  # headers with Content-Length: 1000, then 6 bytes of body
@@ -151,7 +125,7 @@ def test_64_stalled_connections_do_not_stop_admissions_or_healthz(server: Server
                        timeout=APISERVER_TIMEOUT)[0] == 200  # fmt: skip
 
 
-def test_a_body_arriving_in_pieces_within_the_deadline_is_served(server: Server) -> None:
+def test_a_body_arriving_in_pieces_within_the_deadline_is_served(server: Served) -> None:
     body = json.dumps(admission_review(uid="pieces")).encode()
     with server.tls() as s:
         s.sendall(request_head(len(body)))
@@ -162,7 +136,7 @@ def test_a_body_arriving_in_pieces_within_the_deadline_is_served(server: Server)
         assert s.recv(64).startswith(b"HTTP/1.1 200")
 
 
-def test_chunked_and_pipelined_requests_are_framed_and_served(server: Server) -> None:
+def test_chunked_and_pipelined_requests_are_framed_and_served(server: Served) -> None:
     body = json.dumps(admission_review(uid="chunked")).encode()
     chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 1000]), body[i:i + 1000])
                       for i in range(0, len(body), 1000))  # fmt: skip
@@ -181,7 +155,7 @@ def test_chunked_and_pipelined_requests_are_framed_and_served(server: Server) ->
 
 
 def test_a_request_stalled_after_the_handshake_on_a_kept_alive_connection_is_dropped(
-    server: Server,
+    server: Served,
 ) -> None:
     """The deadline applies to every request of a connection, not only the first."""
     body = json.dumps(admission_review()).encode()
@@ -195,7 +169,7 @@ def test_a_request_stalled_after_the_handshake_on_a_kept_alive_connection_is_dro
         assert closed_by_server(s, READ_TIMEOUT + 10)
 
 
-def test_a_chunked_body_over_the_limit_gets_413_like_a_declared_one(server: Server) -> None:
+def test_a_chunked_body_over_the_limit_gets_413_like_a_declared_one(server: Served) -> None:
     """Issue 11, item 3: chunked bodies used to be cut at 7 MiB and answered 400."""
     from webhook.config import MAX_BODY
 
@@ -233,7 +207,7 @@ def _trickle(socks: list[ssl.SSLSocket], stop: threading.Event) -> None:
         "gunicorn's LengthReader, whose read(n) waits for n bytes; same fix"))),
 ])
 def test_requests_handed_to_threads_cannot_be_trickled_into_holding_them(
-    server: Server, shape: str
+    server: Served, shape: str
 ) -> None:
     """Found in review: a request the worker hands over unframed (a header section
     over its limit, a chunk size over the body limit) was then read on a thread
