@@ -188,14 +188,6 @@ class EvidenceOracle:
         return own
 
 
-def first_available(candidates: Iterable[tuple[Any, Probe | None]]) -> Any | None:
-    """Rule 2: the first candidate proven available, or None."""
-    for cand, probe in candidates:
-        if probe is not None and probe.available:
-            return cand
-    return None
-
-
 def usable(probe: Probe | None) -> bool:
     """Rule 4: a candidate may be used unless probing found it unavailable."""
     return probe is None or not probe.unavailable
