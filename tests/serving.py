@@ -324,9 +324,19 @@ class ServerProcess:
 class Served:
     """A ``serve`` under test: its directory (certificates, audit log), process and port."""
 
-    def __init__(self, tmp: Path, proc: ServerProcess, port: int) -> None:
-        self.tmp, self.proc, self.port = tmp, proc, port
+    def __init__(self, tmp: Path, proc: ServerProcess, port: int, metrics_port: int) -> None:
+        self.tmp, self.proc, self.port, self.metrics_port = tmp, proc, port, metrics_port
         self.ctx = apiserver_tls_context(tmp / "ca.crt")
+
+    def metric(self, sample: str) -> float:
+        """The value of one sample (name with labels, as exposed) on /metrics; 0 when absent."""
+        status, text = get(self.metrics_port, "/metrics")
+        assert status == 200, text
+        for line in text.splitlines():
+            name, _, value = line.rpartition(" ")
+            if name == sample:
+                return float(value)
+        return 0.0
 
     def tls(self) -> ssl.SSLSocket:
         """A raw TLS connection to the admission port, as the apiserver opens it."""
@@ -342,13 +352,13 @@ def served(tmp: Path, *flags: str) -> Iterator[Served]:
     from webhook import certs
 
     certs.write_bundle(certs.build_certificate(["localhost"], ["127.0.0.1"]), tmp)
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     argv = [*ecr_webhook(), "serve", "--host", "127.0.0.1", "--port", str(port),
-            "--metrics-port", str(free_port()), "--cert-file", str(tmp / "tls.crt"),
+            "--metrics-port", str(metrics_port), "--cert-file", str(tmp / "tls.crt"),
             "--key-file", str(tmp / "tls.key"), "--region", REGION,
             "--audit-log", str(tmp / "audit.log"), *flags]  # fmt: skip
     proc = ServerProcess(argv, stderr=tmp / "stderr.log")
-    srv = Served(tmp, proc, port)
+    srv = Served(tmp, proc, port, metrics_port)
     try:
         proc.wait_ready(port, srv.ctx)
         yield srv

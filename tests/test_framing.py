@@ -55,8 +55,6 @@ def test_no_body_and_trailers() -> None:
 @pytest.mark.parametrize(
     "request_bytes",
     [
-        HEAD + b"Content-Length: 101\r\n\r\n",  # over the limit: the app answers 413
-        HEAD + b"Transfer-Encoding: chunked\r\n\r\n40\r\n" + b"x" * 64 + b"\r\n40\r\n",
         HEAD + b"Content-Length: -1\r\n\r\n",
         HEAD + b"Content-Length: 1\r\nContent-Length: 2\r\n\r\n",
         HEAD + b"Transfer-Encoding: gzip\r\n\r\n",
@@ -67,11 +65,44 @@ def test_no_body_and_trailers() -> None:
         # a header section that never ends, past what gunicorn parses
         b"GET / HTTP/1.1\r\n" + b"X: " + b"y" * (RequestScanner.MAX_HEADER + 1),
     ],
-    ids=["length-over", "chunked-over", "negative", "conflicting", "not-chunked",
-         "both", "bad-size", "bad-crlf", "bad-field", "endless-header"],
+    ids=["negative", "conflicting", "not-chunked", "both", "bad-size", "bad-crlf",
+         "bad-field", "endless-header"],
 )  # fmt: skip
-def test_what_cannot_be_framed_or_is_over_the_limit_is_handed_over(request_bytes: bytes) -> None:
+def test_what_cannot_be_framed_is_handed_over(request_bytes: bytes) -> None:
     assert RequestScanner(max_body=100).scan(request_bytes) is Frame.HAND_OVER
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "why"),
+    [
+        (HEAD + b"Content-Length: 101\r\n\r\n", "body of 101 bytes is over the limit of 100"),
+        # the first chunk fits, the second announces more than the limit allows
+        (HEAD + b"Transfer-Encoding: chunked\r\n\r\n40\r\n" + b"x" * 64 + b"\r\n40\r\n",
+         "chunked body is over the limit of 100 bytes"),
+        # one chunk size over the limit, before any of its data
+        (HEAD + b"Transfer-Encoding: chunked\r\n\r\n4000000\r\n",
+         "chunked body is over the limit of 100 bytes"),
+    ],
+    ids=["length-over", "chunked-over", "huge-chunk"],
+)  # fmt: skip
+def test_a_body_known_to_be_over_the_limit_is_too_large_before_it_arrives(
+    request_bytes: bytes, why: str
+) -> None:
+    """The worker answers these 413 itself, with ``refusal`` as the Status message."""
+    scanner = RequestScanner(max_body=100)
+    assert scanner.scan(request_bytes) is Frame.TOO_LARGE
+    assert scanner.refusal == why
+    scanner.reset()
+    assert scanner.refusal == ""
+
+
+def test_a_body_at_the_limit_is_not_too_large() -> None:
+    scanner = RequestScanner(max_body=100)
+    request = HEAD + b"Content-Length: 100\r\n\r\n" + b"x" * 100
+    assert scanner.scan(request) is Frame.COMPLETE
+    scanner = RequestScanner(max_body=100)
+    request = HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(b"x" * 100, 30)
+    assert scanner.scan(request) is Frame.COMPLETE
 
 
 def test_the_chunked_limit_is_not_counted_twice_across_calls() -> None:

@@ -8,7 +8,8 @@ is mapped to an answer in exactly one place, ``_map_exception``:
 what went wrong                    HTTP   answer
 =================================  =====  ============================================
 Content-Type not application/json  415    a Kubernetes ``Status`` naming the type
-body over 7 MiB                    413    a ``Status``
+body over 7 MiB                    413    a ``Status`` (under ``serve`` the worker
+                                          answers it before the body arrives)
 not JSON / not an AdmissionReview  400    a ``Status`` saying what is wrong
 (``ReviewError``: no uid, unknown
 apiVersion, ...)
@@ -78,21 +79,6 @@ class Answer:
     status: int
     document: Mapping[str, Any]
     outcome: review.Outcome | None = None
-
-
-_REASONS = {400: "BadRequest", 413: "RequestEntityTooLarge", 415: "UnsupportedMediaType"}
-
-
-def status_document(code: int, message: str) -> dict[str, Any]:
-    """A Kubernetes ``Status`` for a rejected request (what the apiserver logs)."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Status",
-        "status": "Failure",
-        "message": message,
-        "reason": _REASONS.get(code, "BadRequest"),
-        "code": code,
-    }
 
 
 def decode(read_timeout: float = 5.0) -> object:
@@ -168,17 +154,17 @@ def _discard(stream: Any, length: int, deadline: float) -> None:
 def _map_exception(body: object, exc: Exception) -> Answer:
     """The one place where an exception becomes an HTTP answer (see the module doc)."""
     if isinstance(exc, BodyProblem):
-        return Answer(exc.status, status_document(exc.status, exc.message))
+        return Answer(exc.status, review.status_document(exc.status, exc.message))
     if isinstance(exc, RequestEntityTooLarge):
-        return Answer(413, status_document(413, f"body is over {MAX_BODY} bytes"))
+        return Answer(413, review.status_document(413, f"body is over {MAX_BODY} bytes"))
     if isinstance(exc, ReviewError):
-        return Answer(400, status_document(400, str(exc)))
+        return Answer(400, review.status_document(400, str(exc)))
     if isinstance(exc, HTTPException) and exc.code is not None and 400 <= exc.code < 500:
-        return Answer(exc.code, status_document(exc.code, exc.description or exc.name))
+        return Answer(exc.code, review.status_document(exc.code, exc.description or exc.name))
     try:
         outcome = review.fail_open(body, exc)
     except ReviewError as envelope:  # the body never was an AdmissionReview
-        return Answer(400, status_document(400, str(envelope)))
+        return Answer(400, review.status_document(400, str(envelope)))
     return Answer(200, outcome.review, outcome)
 
 
@@ -298,8 +284,14 @@ def create_app(
 
     app = Flask("webhook")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    def refused(code: int, message: str) -> None:
+        """A request the server's worker answered itself (413 from its poller)."""
+        metrics.observe(code, "rejected", 0.0)
+        log.info("request rejected", v=1, code=code, reason=message)
+
     app.extensions["ecr_webhook"] = {
         "metrics": metrics, "audit": audit, "policy": policy, "certificate": certificate,
+        "refused": refused,
     }  # fmt: skip
 
     def answer() -> Answer:

@@ -72,6 +72,7 @@ from gunicorn.workers import gthread
 from webhook import certs, logs
 from webhook.auditlog import AuditLog
 from webhook.config import MAX_BODY, ServeConfig
+from webhook.core import jsonc, review
 from webhook.core.ecr import DATA_VERSION
 from webhook.core.errors import ConfigError
 from webhook.core.framing import Frame, RequestScanner
@@ -103,15 +104,40 @@ AppFactory = Callable[[ServeConfig], WSGIApp]
 _STEP_BYTES = 256 * 1024
 
 
-class _Reading:
-    """A connection the poller is reading a request from (no thread holds it)."""
+# After the worker's own 413, the rest of the body is read and dropped for at
+# least this long, so the answer is not lost to the reset a close with unread
+# bytes causes (RFC 9112 section 9.6: close in stages; nginx's lingering_close).
+_LINGER_SECONDS = 1.0
 
-    __slots__ = ("buf", "deadline", "scanner")
+
+class _Reading:
+    """A connection the poller is reading a request from (no thread holds it).
+
+    ``out`` holds answer bytes not yet sent and ``refused`` is set once the
+    worker has answered the request itself (413): from then on what arrives is
+    dropped until the client closes or the deadline passes.
+    """
+
+    __slots__ = ("buf", "deadline", "out", "refused", "scanner")
 
     def __init__(self, scanner: RequestScanner, deadline: float) -> None:
         self.buf = bytearray()
         self.deadline = deadline
         self.scanner = scanner
+        self.out = b""
+        self.refused = False
+
+
+def too_large_answer(message: str) -> bytes:
+    """The worker's 413: a Kubernetes ``Status``, and the connection closes after it."""
+    body = jsonc.dumps(review.status_document(413, message))
+    head = (
+        "HTTP/1.1 413 Request Entity Too Large\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
 
 
 class WebhookWorker(gthread.ThreadWorker):  # type: ignore[misc]
@@ -133,10 +159,13 @@ class WebhookWorker(gthread.ThreadWorker):  # type: ignore[misc]
     ``read_timeout`` seconds at a time, and a client that keeps re-opening
     them stops it for good; here a stalled client costs a file descriptor
     and a few bytes of buffer.  The framing (where a request ends) is the
-    pure ``webhook.core.framing.RequestScanner``; a request it cannot frame,
-    or whose body is over the limit, is handed to a thread at once so that
-    gunicorn or the app answers it (400, 413), with ``read_timeout`` on each
-    socket read and write of that thread.
+    pure ``webhook.core.framing.RequestScanner``; a request it cannot frame
+    is handed to a thread at once so that gunicorn answers it (400), with
+    ``read_timeout`` on each socket read and write of that thread.  A body
+    over the limit is answered 413 here, in the poller, as soon as the limit is
+    known to be crossed; the rest is read and dropped until the deadline, so
+    a client trickling a huge body holds no thread (issue 11).  The app's
+    ``refused`` hook (``app.extensions["ecr_webhook"]``) counts it.
 
     ``read_timeout`` and ``max_body`` are class attributes: ``make_worker``
     builds the subclass ``serve`` runs.
@@ -168,8 +197,7 @@ class WebhookWorker(gthread.ThreadWorker):  # type: ignore[misc]
             if state.buf:
                 state.deadline = now + self.read_timeout
         self._reading[conn] = state
-        if state.buf and state.scanner.scan(state.buf) is not Frame.NEED_MORE:
-            self._dispatch(conn, state)
+        if state.buf and self._framed(conn, state):
             return
         self._step(conn)
 
@@ -185,6 +213,8 @@ class WebhookWorker(gthread.ThreadWorker):  # type: ignore[misc]
         try:
             if not conn.initialized and not self._handshake(conn, state):
                 return
+            if state.out and not self._flush(conn, state):
+                return
             got = 0
             while got < _STEP_BYTES:
                 try:
@@ -198,12 +228,13 @@ class WebhookWorker(gthread.ThreadWorker):  # type: ignore[misc]
                 if not data:  # the client closed the connection
                     self._drop(conn, "closed by the client")
                     return
+                got += len(data)
+                if state.refused:
+                    continue  # answered already: drop the rest of the body
                 if not state.buf:  # the first byte of a request starts its clock
                     state.deadline = time.monotonic() + self.read_timeout
                 state.buf += data
-                got += len(data)
-                if state.scanner.scan(state.buf) is not Frame.NEED_MORE:
-                    self._dispatch(conn, state)
+                if self._framed(conn, state):
                     return
             # A fast large body: continue on the next turn (TLS may hold
             # decrypted bytes the poller would not see, so no wait here).
@@ -231,6 +262,46 @@ class WebhookWorker(gthread.ThreadWorker):  # type: ignore[misc]
         conn.initialized = True
         conn.parser = ghttp.get_parser(self.cfg, conn.sock, conn.client)
         state.deadline = time.monotonic() + self.cfg.keepalive  # idle until a byte comes
+        return True
+
+    def _framed(self, conn: Any, state: _Reading) -> bool:
+        """Scan the buffer; dispatch or refuse the request once that is decided."""
+        verdict = state.scanner.scan(state.buf)
+        if verdict is Frame.NEED_MORE:
+            return False
+        if verdict is Frame.TOO_LARGE:
+            self._refuse(conn, state)
+        else:
+            self._dispatch(conn, state)
+        return True
+
+    def _refuse(self, conn: Any, state: _Reading) -> None:
+        """Answer 413 from the poller, then linger, dropping what still arrives."""
+        message = state.scanner.refusal
+        state.refused = True
+        state.buf = bytearray()
+        state.out = too_large_answer(message)
+        state.deadline = max(state.deadline, time.monotonic() + _LINGER_SECONDS)
+        refused = getattr(self.wsgi, "extensions", {}).get("ecr_webhook", {}).get("refused")
+        if refused is not None:
+            try:
+                refused(413, message)
+            except Exception:  # counting never takes the worker down
+                self.log.exception("counting a refused request failed")
+        self.method_queue.defer(self._step, conn)
+
+    def _flush(self, conn: Any, state: _Reading) -> bool:
+        """Send what ``state.out`` holds; False while waiting for the socket."""
+        while state.out:
+            try:
+                sent = conn.sock.send(state.out)
+            except (ssl.SSLWantWriteError, BlockingIOError):
+                self._wait(conn, selectors.EVENT_WRITE)
+                return False
+            except ssl.SSLWantReadError:
+                self._wait(conn, selectors.EVENT_READ)
+                return False
+            state.out = state.out[sent:]
         return True
 
     def _wait(self, conn: Any, events: int) -> None:
@@ -264,7 +335,8 @@ class WebhookWorker(gthread.ThreadWorker):  # type: ignore[misc]
             if self._stop_at is not None and not state.buf:
                 deadline = min(deadline, self._stop_at)
             if now >= deadline:
-                self._drop(conn, "deadline passed" if state.buf else "idle")
+                self._drop(conn, "after 413" if state.refused
+                           else "deadline passed" if state.buf else "idle")  # fmt: skip
 
     # -- in a thread: a whole request is buffered
 

@@ -6,14 +6,18 @@ The server's worker reads a request in its poller, without a thread, until
 question, cheaply and incrementally: *is the request in ``buf`` complete?*
 It does not validate the request: gunicorn's own parser does that in the
 thread, and a request the scanner cannot frame is handed over as it is
-(``Frame.HAND_OVER``) so that gunicorn answers it (400, 413, ...).
+(``Frame.HAND_OVER``) so that gunicorn answers it (400, ...).
 
 Framing follows RFC 9112 section 6: a request with ``Transfer-Encoding``
 (whose last coding is ``chunked``) ends after the last chunk and the trailer
 section; otherwise ``Content-Length`` gives the body length; otherwise there is
-no body.  A request whose body is known to exceed ``max_body`` is handed over
-as soon as that is known, so the application answers 413 without the body
-ever being buffered here.
+no body.  A request whose body is known to exceed ``max_body`` is
+``Frame.TOO_LARGE`` as soon as that is known (a declared ``Content-Length``, a
+chunk size, or the chunks so far), and ``refusal`` says why: the worker answers
+413 itself, from its poller, without the body ever being buffered and without
+a thread.  A thread would have to read the rest through gunicorn's body
+readers, whose ``read(n)`` waits for ``n`` bytes, so a client trickling an
+oversized body a byte at a time could hold it for as long as it liked.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ CRLF = b"\r\n"
 class Frame(enum.Enum):
     NEED_MORE = "need-more"  # keep reading
     COMPLETE = "complete"  # the whole request is in the buffer
-    HAND_OVER = "hand-over"  # over a limit or not framable: let the application answer
+    HAND_OVER = "hand-over"  # not framable: let gunicorn's parser answer (400)
+    TOO_LARGE = "too-large"  # the body is over max_body: the worker answers 413
 
 
 class RequestScanner:
@@ -54,6 +59,7 @@ class RequestScanner:
 
     def reset(self) -> None:
         self.end: int | None = None  # index just past the request, once COMPLETE
+        self.refusal = ""  # why, once TOO_LARGE (the message of the 413's Status)
         self._body_start: int | None = None
         self._length: int | None = None  # Content-Length
         self._chunked = False
@@ -107,7 +113,8 @@ class RequestScanner:
             return Frame.HAND_OVER
         self._length = int(lengths[0])
         if self._length > self.max_body:
-            return Frame.HAND_OVER  # the application answers 413 without the body
+            self.refusal = f"body of {self._length} bytes is over the limit of {self.max_body}"
+            return Frame.TOO_LARGE
         return None
 
     def _scan_chunked(self, buf: bytes | bytearray) -> Frame:
@@ -136,7 +143,8 @@ class RequestScanner:
                 self._pos = eol + 2
                 continue
             if self._body_total + size > self.max_body:
-                return Frame.HAND_OVER  # the application answers 413
+                self.refusal = f"chunked body is over the limit of {self.max_body} bytes"
+                return Frame.TOO_LARGE
             data_end = eol + 2 + size
             if len(buf) < data_end + 2:
                 return Frame.NEED_MORE  # resumes at this size line next time

@@ -267,3 +267,24 @@ def fail_open(body: object, error: BaseException) -> Outcome:
         error=f"{type(error).__name__}: {error}",
         exception=error,
     )
+
+
+_STATUS_REASONS = {400: "BadRequest", 413: "RequestEntityTooLarge", 415: "UnsupportedMediaType"}
+
+
+def status_document(code: int, message: str) -> dict[str, Any]:
+    """A Kubernetes ``Status`` for an HTTP request that carries no AdmissionReview.
+
+    What the webhook answers with a 4xx (the app's 400/413/415, and the
+    worker's own 413 for a body over the limit): the kube-apiserver logs the
+    body of a non-200 webhook answer, and a ``Status`` is what it knows how to
+    show (k8s.io/apimachinery metav1.Status).
+    """
+    return {
+        "apiVersion": "v1",
+        "kind": "Status",
+        "status": "Failure",
+        "message": message,
+        "reason": _STATUS_REASONS.get(code, "BadRequest"),
+        "code": code,
+    }
