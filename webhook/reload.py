@@ -14,8 +14,9 @@ symlinks, so the identity of the file now behind a path (device, inode, mtime,
 size) changes exactly when such a swap, or an ordinary rewrite, happens.
 
 A check is one ``stat`` per file, cheap enough to run on every admission (the
-policy) and every new TLS connection (the certificate and the client CA), so a change is seen by
-the very next request or connection, with no polling thread and no restart.
+policy) and every new TLS connection (the certificate, its key and the client
+CA), so a change is seen by the very next request or connection, with no
+polling thread and no restart.
 """
 
 from __future__ import annotations
