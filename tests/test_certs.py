@@ -18,7 +18,8 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from tests.serving import ecr_webhook
+from tests.serving import ConfigMapDir, ecr_webhook
+from tests.test_security import client_ca_and_cert
 from webhook import certs
 from webhook.core.errors import ConfigError
 from webhook.reload import CertificateHolder, server_context
@@ -27,8 +28,21 @@ from webhook.reload import CertificateHolder, server_context
 def handshake(out: Path, name: str) -> str:
     """Complete a TLS handshake for ``name``; the negotiated version.  Raises SSLError."""
     server = server_context(str(out / "tls.crt"), str(out / "tls.key"))
+    return pump(server, apiserver_client(out), name)
+
+
+def apiserver_client(out: Path, client_pair: tuple[Path, Path] | None = None) -> ssl.SSLContext:
+    """A client like the kube-apiserver; with ``client_pair``, presenting that certificate."""
     client = ssl.create_default_context(cafile=str(out / "ca.crt"))
     client.hostname_checks_common_name = False
+    if client_pair is not None:
+        client.load_cert_chain(*client_pair)
+    return client
+
+
+def pump(server: ssl.SSLContext, client: ssl.SSLContext, name: str) -> str:
+    """Run both sides of a handshake in memory; the negotiated version.  Raises SSLError
+    (with a client CA, the server's refusal of the client's certificate)."""
     c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
     c = client.wrap_bio(c_in, c_out, server_hostname=name)
     s = server.wrap_bio(s_in, s_out, server_side=True)
@@ -147,3 +161,73 @@ def test_holder_reloads_changed_files_and_keeps_the_last_good_pair(tmp_path: Pat
     assert holder.context() is second
     assert events == ["success", "failure"]
     assert holder.problem() is None
+
+
+def test_holder_reloads_a_changed_client_ca_alone(tmp_path: Path) -> None:
+    """A Secret update of the client CA only (symlink swap): the next connection
+    trusts the new CA and no longer the old one; the pair files did not change."""
+    certs.write_bundle(certs.build_certificate(["localhost"]), tmp_path)
+    ca_a, *pair_a = client_ca_and_cert(tmp_path, "a")
+    ca_b, *pair_b = client_ca_and_cert(tmp_path, "b")
+    client_a = apiserver_client(tmp_path, (pair_a[0], pair_a[1]))
+    client_b = apiserver_client(tmp_path, (pair_b[0], pair_b[1]))
+    volume = ConfigMapDir(tmp_path / "client-ca", key="ca.crt")
+    volume.update(ca_a.read_text())
+    events: list[str] = []
+    holder = CertificateHolder(str(tmp_path / "tls.crt"), str(tmp_path / "tls.key"),
+                               client_ca=str(volume.path),
+                               on_reload=lambda result, err: events.append(result))  # fmt: skip
+    first = holder.context()
+    assert pump(first, client_a, "localhost")
+    with pytest.raises(ssl.SSLError):
+        pump(first, client_b, "localhost")
+    assert holder.context() is first
+
+    volume.update(ca_b.read_text())
+    second = holder.context()
+    assert second is not first
+    assert events == ["success"]
+    assert pump(second, client_b, "localhost")
+    with pytest.raises(ssl.SSLError):
+        pump(second, client_a, "localhost")
+    # The context of connections accepted before the change is untouched.
+    assert pump(first, client_a, "localhost")
+
+    # Rewritten in place (not a symlink swap) is seen too.
+    (volume.root / "..data" / "ca.crt").write_text(ca_a.read_text() + ca_b.read_text())
+    third = holder.context()
+    assert third is not second and events == ["success", "success"]
+    assert pump(third, client_a, "localhost") and pump(third, client_b, "localhost")
+
+
+@pytest.mark.parametrize("damage", ["not PEM", "a broken PEM block", "empty", "deleted"])
+def test_a_garbage_client_ca_keeps_the_last_good_context(tmp_path: Path, damage: str) -> None:
+    certs.write_bundle(certs.build_certificate(["localhost"]), tmp_path)
+    ca_a, *pair_a = client_ca_and_cert(tmp_path, "a")
+    ca_b, *_ = client_ca_and_cert(tmp_path, "b")
+    client_a = apiserver_client(tmp_path, (pair_a[0], pair_a[1]))
+    volume = ConfigMapDir(tmp_path / "client-ca", key="ca.crt")
+    volume.update(ca_a.read_text())
+    errors: list[BaseException | None] = []
+    holder = CertificateHolder(str(tmp_path / "tls.crt"), str(tmp_path / "tls.key"),
+                               client_ca=str(volume.path),
+                               on_reload=lambda result, err: errors.append(err))  # fmt: skip
+    good = holder.context()
+    if damage == "deleted":
+        volume.path.unlink()
+    else:
+        volume.update({"not PEM": "\x00garbage\n" * 20,
+                       "a broken PEM block": "-----BEGIN CERTIFICATE-----\nnot base64\n",
+                       "empty": ""}[damage])  # fmt: skip
+    for _ in range(3):  # every new connection asks; reported once per change
+        assert holder.context() is good
+    assert len(errors) == 1 and isinstance(errors[0], ConfigError)
+    assert f"--client-ca {volume.path}" in str(errors[0])
+    assert holder.problem() is None  # still serving, with the last good CA
+    assert pump(holder.context(), client_a, "localhost")
+    # A good file again is taken at the next connection.
+    volume.update(ca_b.read_text())  # (re-creates the key's link if it was deleted)
+    assert holder.context() is not good
+    assert errors[1:] == [None]
+    with pytest.raises(ssl.SSLError):
+        pump(holder.context(), client_a, "localhost")

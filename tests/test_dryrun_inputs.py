@@ -5,6 +5,7 @@ JSON errors that say JSON."""
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+from webhook import dryrun
 from webhook.cli import main
 
 A4 = "602401143452.dkr.ecr.ap-southeast-4.amazonaws.com"
@@ -209,6 +211,66 @@ def test_process_substitution_dev_stdin_and_dev_null(tmp_path: Path) -> None:
     null = _cli("ecr-webhook dry-run --region ap-southeast-4 -o json -f /dev/null")
     assert null.returncode == 0, null.stderr
     assert json.loads(null.stdout)["objects"] == [] and json.loads(null.stdout)["errors"] == []
+
+
+# --------------------------------------------------------------------- the size of one input
+
+LIMIT_LINE = (": not read: more than 64 MiB, the limit of one dry-run input; "
+              "split it into several files\n")  # fmt: skip
+
+
+@pytest.mark.parametrize("source", ["-f /dev/zero", "-f <(yes 'kind: Pod')", "-f - < /dev/zero"])
+def test_an_endless_input_is_refused_at_the_limit(tmp_path: Path, source: str) -> None:
+    """A device, a pipe that never ends and stdin: nothing to stat first, so the
+    read stops one byte past the limit.  These inputs never end, so an answer at
+    all shows the rest was not read; the other file is still planned."""
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(pod("good")))
+    result = _cli(f"ecr-webhook dry-run --region ap-southeast-4 -o json {source} -f {good}")
+    assert result.returncode == 2
+    name = "-" if "-f -" in source else ("/dev/zero" if "zero" in source else "/dev/fd/")
+    (line,) = result.stderr.splitlines(keepends=True)
+    assert line.startswith(f"error: {name}") and line.endswith(LIMIT_LINE), line
+    rep = json.loads(result.stdout)
+    assert [o["name"] for o in rep["objects"]] == ["good"]
+    (error,) = rep["errors"]
+    assert error["index"] is None and error["error"] == LIMIT_LINE[2:-1]
+
+
+def test_the_limit_is_inclusive_for_files_and_stdin(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An input of exactly the limit is planned; one byte (or character) more is
+    refused.  The limit is lowered to the size of one small pod document."""
+    text = yaml.safe_dump(pod("p"))
+    monkeypatch.setattr(dryrun, "MAX_INPUT_BYTES", len(text.encode()))
+    f = tmp_path / "pod.yaml"
+    f.write_text(text)
+    code, out, err = run(["--region", "ap-southeast-4", "-o", "json", "-f", str(f)], capsys)
+    assert code == 0 and err == "" and len(json.loads(out)["objects"]) == 1
+    f.write_text(text + "\n")
+    code, out, err = run(["--region", "ap-southeast-4", "-o", "json", "-f", str(f)], capsys)
+    assert code == 2 and "not read: more than 0 MiB" in err
+    assert json.loads(out)["objects"] == []
+    for stdin, planned in ((text, 1), (text + "#", 0)):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        code, out, err = run(["--region", "ap-southeast-4", "-o", "json", "-f", "-"], capsys)
+        assert (code, len(json.loads(out)["objects"])) == (2 - 2 * planned, planned), err
+
+
+def test_crlf_line_ends_still_split_into_documents(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Windows line ends: ``---\r\n`` separates documents as text-mode reading did,
+    so a bad document in the middle is named and the others are planned."""
+    f = tmp_path / "crlf.yaml"
+    docs = [yaml.safe_dump(pod("a")), "metadata: {name: [unclosed\n", yaml.safe_dump(pod("b"))]
+    f.write_bytes("---\n".join(docs).replace("\n", "\r\n").encode())
+    code, out, err = run(["--region", "ap-southeast-4", "-o", "json", "-f", str(f)], capsys)
+    assert code == 2 and err.startswith(f"error: {f}: document 1:")
+    rep = json.loads(out)
+    assert [o["name"] for o in rep["objects"]] == ["a", "b"]
+    assert [e["index"] for e in rep["errors"]] == [1]
 
 
 def test_file_level_errors_are_in_the_json_report(

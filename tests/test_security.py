@@ -33,6 +33,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.serving import (
     REGION,
+    ConfigMapDir,
     ServerProcess,
     admission_review,
     apiserver_tls_context,
@@ -42,6 +43,7 @@ from tests.serving import (
     get,
     post_review,
 )
+from tests.test_server import metrics, sample
 from webhook import certs
 
 pytestmark = pytest.mark.slow
@@ -81,10 +83,11 @@ def client_ca_and_cert(out: Path, prefix: str) -> tuple[Path, Path, Path]:
     return paths
 
 
-def start(tmp: Path, *extra: str, env: dict[str, str] | None = None) -> tuple[ServerProcess, int]:
+def start(tmp: Path, *extra: str, env: dict[str, str] | None = None,
+          metrics_port: int | None = None) -> tuple[ServerProcess, int]:  # fmt: skip
     port = free_port()
     argv = [*ecr_webhook(), "serve", "--host", "127.0.0.1", "--port", str(port),
-            "--metrics-port", str(free_port()), "--cert-file", str(tmp / "tls.crt"),
+            "--metrics-port", str(metrics_port or free_port()), "--cert-file", str(tmp / "tls.crt"),
             "--key-file", str(tmp / "tls.key"), "--region", REGION,
             "--audit-log", str(tmp / "audit.log"), "--workers", "1", "--threads", "2",
             *extra]  # fmt: skip
@@ -128,6 +131,11 @@ def test_a_client_without_a_trusted_certificate_is_refused_at_the_handshake(
     ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion[tls]
     if who == "another CA":
         ctx.load_cert_chain(tmp / "stranger.crt", tmp / "stranger.key")
+    assert_refused(port, ctx)
+
+
+def assert_refused(port: int, ctx: ssl.SSLContext) -> None:
+    """The server refuses ``ctx``'s client at the handshake: no HTTP answer."""
     body = json.dumps(admission_review()).encode()
     request = (b"POST /mutate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
@@ -144,6 +152,51 @@ def test_a_client_without_a_trusted_certificate_is_refused_at_the_handshake(
         raise ConnectionResetError("closed without an answer")  # EOF: refused too
     text = str(info.value)
     assert "HTTP/" not in text
+
+
+def test_a_new_client_ca_file_applies_to_new_connections(tmp_path: Path) -> None:
+    """The client CA Secret updated (symlink swap) while serving: the next
+    connection is judged by the new CA, with no restart; a garbage CA file keeps
+    the last good one and is counted like a garbage certificate."""
+    certs.write_bundle(certs.build_certificate(["localhost"], ["127.0.0.1"]), tmp_path)
+    ca_a, *_ = client_ca_and_cert(tmp_path, "apiserver")
+    ca_b, *_ = client_ca_and_cert(tmp_path, "stranger")
+    a, b = (apiserver_tls_context(tmp_path / "ca.crt") for _ in range(2))
+    a.load_cert_chain(tmp_path / "apiserver.crt", tmp_path / "apiserver.key")
+    b.load_cert_chain(tmp_path / "stranger.crt", tmp_path / "stranger.key")
+    volume = ConfigMapDir(tmp_path / "client-ca", key="ca.crt")
+    volume.update(ca_a.read_text())
+    metrics_port = free_port()
+    proc, port = start(tmp_path, "--client-ca", str(volume.path), metrics_port=metrics_port)
+
+    def count(name: str, **labels: str) -> float:
+        return sample(metrics(metrics_port), name, **labels)
+
+    try:
+        proc.wait_ready(port, a)
+        assert post_review(port, a, admission_review())[0] == 200
+        assert_refused(port, b)
+
+        volume.update(ca_b.read_text())
+        status, doc = post_review(port, b, admission_review(uid="after-swap"))
+        assert status == 200 and doc["response"]["uid"] == "after-swap"
+        assert_refused(port, a)
+        assert count("ecr_webhook_certificate_reloads_total", result="success") == 1
+
+        errors = count("ecr_webhook_errors_total", stage="certificate")
+        volume.update("-----BEGIN CERTIFICATE-----\nnot base64 at all\n")
+        for _ in range(3):  # new connections: still CA-B, reported once
+            assert post_review(port, b, admission_review())[0] == 200
+            assert_refused(port, a)
+        assert count("ecr_webhook_certificate_reloads_total", result="failure") == 1
+        assert count("ecr_webhook_errors_total", stage="certificate") == errors + 1
+        assert get(port, "/readyz", b)[0] == 200
+    finally:
+        assert proc.stop() == 0, proc.stderr()
+    rejected = [json.loads(ln) for ln in (tmp_path / "stderr.log").read_text().splitlines()
+                if "serving certificate rejected" in ln]  # fmt: skip
+    assert len(rejected) == 1 and f"--client-ca {volume.path}" in rejected[0]["err"]
+    assert rejected[0]["clientCa"] == str(volume.path)
 
 
 def test_a_missing_client_ca_file_is_one_line_at_start(tmp_path: Path) -> None:

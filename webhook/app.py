@@ -257,14 +257,19 @@ def create_app(
             log.error("policy rejected, keeping the last good policy",
                       err=policy_error_text(error), source=config.policy_file)  # fmt: skip
 
+    # The client CA is reloaded with the pair, as one context (reload.CertificateHolder).
+    tls_files: dict[str, Any] = {"certFile": config.cert_file}
+    if config.client_ca is not None:
+        tls_files["clientCa"] = config.client_ca
+
     def certificate_reloaded(result: str, error: BaseException | None) -> None:
         metrics.certificate_reloads.labels(result).inc()
         if error is None:
-            log.info("serving certificate reloaded", certFile=config.cert_file)
+            log.info("serving certificate reloaded", **tls_files)
         else:
             metrics.errors.labels("certificate").inc()
             log.error("serving certificate rejected, keeping the previous one", err=error,
-                      certFile=config.cert_file)  # fmt: skip
+                      **tls_files)  # fmt: skip
 
     policy = PolicyHolder(config.policy_file, config.region, os.environ if env is None else env,
                           oracle=oracle, on_reload=policy_reloaded,
@@ -273,7 +278,8 @@ def create_app(
     if admit is review.admit:
         admit = _probing_admit(config, policy, metrics, log)
     if certificate is None:
-        certificate = CertificateHolder(config.cert_file, config.key_file)
+        certificate = CertificateHolder(config.cert_file, config.key_file,
+                                        client_ca=config.client_ca)  # fmt: skip
     if certificate.on_reload is None:
         # The launcher builds the holder before forking (to fail fast on a bad
         # pair); each worker's copy reports its reloads to this worker's metrics.

@@ -2,8 +2,9 @@
 
 Both follow files that Kubernetes updates in place:
 
-* the policy ConfigMap, mounted at /etc/ecr-webhook/policy, and
-* the TLS Secret, mounted at /etc/ecr-webhook/tls.
+* the policy ConfigMap, mounted at /etc/ecr-webhook/policy,
+* the TLS Secret, mounted at /etc/ecr-webhook/tls, and
+* the client CA of ``serve --client-ca``, from a Secret or a ConfigMap.
 
 The kubelet updates such volumes atomically by a symlink swap: the files are
 symlinks through ``..data``, which points at a timestamped directory; an update
@@ -13,8 +14,9 @@ symlinks, so the identity of the file now behind a path (device, inode, mtime,
 size) changes exactly when such a swap, or an ordinary rewrite, happens.
 
 A check is one ``stat`` per file, cheap enough to run on every admission (the
-policy) and every new TLS connection (the certificate), so a change is seen by
-the very next request or connection, with no polling thread and no restart.
+policy) and every new TLS connection (the certificate, its key and the client
+CA), so a change is seen by the very next request or connection, with no
+polling thread and no restart.
 """
 
 from __future__ import annotations
@@ -148,11 +150,20 @@ class PolicyHolder:
             self._lock.release()
 
 
+# The identities of the certificate, the key and the client CA (None without --client-ca).
+TlsSignature = tuple[Signature | None, Signature | None, Signature | None]
+
+
 @dataclass(frozen=True)
 class LoadedCertificate:
     context: ssl.SSLContext
     not_after: dt.datetime
-    signature: tuple[Signature | None, Signature | None]
+    signature: TlsSignature
+
+
+def tls_signature(cert_file: str, key_file: str, client_ca: str | None) -> TlsSignature:
+    ca = signature(client_ca) if client_ca is not None else None
+    return (signature(cert_file), signature(key_file), ca)
 
 
 def server_context(cert_file: str, key_file: str, client_ca: str | None = None) -> ssl.SSLContext:
@@ -160,59 +171,76 @@ def server_context(cert_file: str, key_file: str, client_ca: str | None = None) 
 
     TLS 1.2 is the floor the kube-apiserver itself accepts by default and the
     one the issue requires; Python's defaults already exclude compression and
-    weak ciphers.  With ``client_ca`` (``serve --client-ca``) a client must
-    present a certificate signed by that CA, or the handshake fails: the
-    kube-apiserver presents one when its AdmissionConfiguration gives the
-    webhook a kubeconfig with ``client-certificate`` (Kubernetes docs,
-    "Authenticate apiservers").
+    weak ciphers.  With ``client_ca`` see ``require_client_certificates``.
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(certfile=cert_file, keyfile=key_file)
     if client_ca is not None:
-        ctx.verify_mode = ssl.CERT_REQUIRED
-        ctx.load_verify_locations(cafile=client_ca)
+        require_client_certificates(ctx, client_ca)
     return ctx
+
+
+def require_client_certificates(ctx: ssl.SSLContext, client_ca: str) -> None:
+    """``serve --client-ca``: a client must present a certificate signed by that CA.
+
+    Otherwise the handshake fails.  The kube-apiserver presents one when its
+    AdmissionConfiguration gives the webhook a kubeconfig with
+    ``client-certificate`` (Kubernetes docs, "Authenticate apiservers").
+    Raises ssl.SSLError (not PEM, no certificate in it) or OSError.
+    """
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cafile=client_ca)
 
 
 def load_certificate(
     cert_file: str, key_file: str, client_ca: str | None = None
 ) -> LoadedCertificate:
-    """Load the pair (and the client CA); ConfigError names the file and what is wrong."""
-    sig = (signature(cert_file), signature(key_file))
+    """Load the pair (and the client CA); ConfigError names the file and what is wrong.
+
+    The files' signatures are taken before they are read, so a file replaced
+    while it is being read differs from the recorded signature at the next
+    check, and is read again then.
+    """
+    sig = tls_signature(cert_file, key_file, client_ca)
     for path, flag, seen in ((cert_file, "--cert-file", sig[0]), (key_file, "--key-file", sig[1])):
         if seen is None:
             raise ConfigError(
                 f"{flag} {path}: no such file; create it with 'ecr-webhook certs generate' "
                 "or mount the TLS Secret"
             )
+    try:
+        ctx = server_context(cert_file, key_file)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            f"--cert-file {cert_file} / --key-file {key_file}: cannot load the pair: {exc}"
+        ) from None
     if client_ca is not None:
         try:
-            ssl.create_default_context(cafile=client_ca)
+            require_client_certificates(ctx, client_ca)
         except (ssl.SSLError, OSError, ValueError) as exc:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             raise ConfigError(
                 f"--client-ca {client_ca}: cannot load it as PEM CA certificates: {why}"
             ) from None
-    try:
-        ctx = server_context(cert_file, key_file, client_ca)
-    except (ssl.SSLError, OSError) as exc:
-        raise ConfigError(
-            f"--cert-file {cert_file} / --key-file {key_file}: cannot load the pair: {exc}"
-        ) from None
     with open(cert_file, "rb") as f:
         not_after = x509.load_pem_x509_certificate(f.read()).not_valid_after_utc
     return LoadedCertificate(ctx, not_after, sig)
 
 
 class CertificateHolder:
-    """The serving SSLContext, rebuilt when the certificate or key file changes.
+    """The serving SSLContext, rebuilt when the certificate, key or client CA file changes.
 
     gunicorn asks its ``ssl_context`` hook for a context on every new
-    connection; ``context()`` answers with the cached one after two ``stat``
-    calls, and loads the files again when either changed.  A pair that fails
-    to load (say a certificate already swapped, its key not yet) keeps the
-    previous context and is retried on the next connection.
+    connection; ``context()`` answers with the cached one after one ``stat``
+    per file (two, three with ``client_ca``), and loads the files again when
+    any of them changed.  So a new client CA (a Secret or ConfigMap update)
+    applies to the next connection, like a new pair; connections already
+    established keep the context they were accepted with.  Files that fail to
+    load (say a certificate already swapped, its key not yet; or a client CA
+    that is not PEM) keep the previous context, whole: ``on_reload("failure",
+    error)`` is called once per change, and the files are retried when one of
+    them changes again.
     """
 
     def __init__(
@@ -226,24 +254,26 @@ class CertificateHolder:
     ) -> None:
         self.cert_file = cert_file
         self.key_file = key_file
-        # Re-read with the pair: a changed CA file applies at the next pair reload.
         self.client_ca = client_ca
         self.on_reload = on_reload
         self.now = now
         self._lock = threading.Lock()
         self._loaded: LoadedCertificate | None = None
-        self._failed: tuple[Signature | None, Signature | None] | None = None
+        self._failed: TlsSignature | None = None
         self.error: str | None = None
+        sig = self._signature()
         try:
             self._loaded = load_certificate(cert_file, key_file, client_ca)
         except ConfigError as exc:
-            self._failed = (signature(cert_file), signature(key_file))
+            self._failed = sig
             self.error = str(exc)
 
+    def _signature(self) -> TlsSignature:
+        return tls_signature(self.cert_file, self.key_file, self.client_ca)
+
     def _changed(self) -> bool:
-        sig = (signature(self.cert_file), signature(self.key_file))
         current = self._loaded.signature if self._loaded is not None else None
-        return sig not in (current, self._failed)
+        return self._signature() not in (current, self._failed)
 
     def context(self) -> ssl.SSLContext:
         """The context for a new connection.  Raises ConfigError if none ever loaded."""
@@ -256,7 +286,7 @@ class CertificateHolder:
         return self._loaded.context
 
     def _reload(self) -> None:
-        sig = (signature(self.cert_file), signature(self.key_file))
+        sig = self._signature()
         try:
             loaded = load_certificate(self.cert_file, self.key_file, self.client_ca)
         except ConfigError as exc:
