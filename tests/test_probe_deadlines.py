@@ -40,12 +40,14 @@ import pytest
 from tests.registry_conftest import CNI_TAG
 from tests.registry_support import (
     CertAuthority,
+    HungServer,
     MotoServer,
     Registry,
     eks_registry_host,
 )
+from webhook import prober as prober_module
 from webhook.core.imageref import parse
-from webhook.core.probing import Outcome
+from webhook.core.probing import Outcome, Probe
 from webhook.prober import Prober, ProberSettings
 
 pytestmark = pytest.mark.slow
@@ -254,3 +256,58 @@ def test_trickling_registry_times_out_and_frees_the_pool_thread(
     assert again.outcome is Outcome.UNREACHABLE
     assert again.detail in ("timed out", "token: timed out", "TLS: timed out"), again.detail
     assert trickler.sent >= 1  # the fault was met: bytes were trickled
+
+
+# ------------------------------------------------------------- IRSA: STS inside the token call
+
+
+def test_irsa_sts_from_moto_gives_the_ecr_token(
+    irsa: Path, aws_moto: MotoServer, good_registry: Registry, registry_ca: CertAuthority,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With only IRSA's web identity configured, the prober's ECR client gets its
+    credentials from STS (moto) and the probe is answered with the token."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_STS", aws_moto.url)
+    healthy = parse(f"{USW2}/amazon-k8s-cni:{CNI_TAG}")
+    p = Prober(ProberSettings(endpoints={USW2: good_registry.url},
+                              ca_file=str(registry_ca.ca_file)))  # fmt: skip
+    try:
+        p.prepare([healthy])  # the STS and token calls, outside the budget
+        got = p.probe_all([healthy], budget=3.0)[str(healthy)]
+    finally:
+        p.close()
+    assert got.outcome is Outcome.AVAILABLE, got
+
+
+def test_irsa_hung_sts_fails_the_token_call_within_its_limit(
+    irsa: Path, hung_registry: HungServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """STS that accepts and never answers: the token call fails after about its
+    own limit (one attempt), and the probe is ``no-answer`` naming the token.
+
+    The limit is lowered to 1 s for the test (``TOKEN_TIMEOUT``, which the
+    prober hands to its real client factory); botocore's defaults (60 s
+    connect and read, legacy retries: 5 attempts) would hold it for minutes.
+    """
+    limit = 1.0
+    monkeypatch.setattr(prober_module, "TOKEN_TIMEOUT", limit)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_STS", f"http://127.0.0.1:{hung_registry.port}")
+    accepted = hung_registry.count
+    ref = parse(f"{USW2}/amazon-k8s-cni:{CNI_TAG}")
+    p = Prober(ProberSettings(endpoints={USW2: "https://127.0.0.1:9"}))
+    answers: list[object] = []
+    # The boto3 client is made first: its start-up is not the call under test.
+    p._client("us-west-2")
+    caller = threading.Thread(target=lambda: answers.append(p.probe_now(ref, 1.0)),
+                              daemon=True)  # fmt: skip
+    caller.start()
+    caller.join(3 * limit)
+    try:
+        assert not caller.is_alive(), "the token call is still waiting on the hung STS"
+        (probe,) = answers
+        assert isinstance(probe, Probe)
+        assert probe.outcome is Outcome.NO_ANSWER
+        assert probe.detail.startswith("token: "), probe.detail
+        assert hung_registry.count == accepted + 1  # STS was asked, once
+    finally:
+        p.close()

@@ -883,13 +883,27 @@ def _short(exc: BaseException) -> str:
 
 
 def _boto3_client(region: str, timeout: float) -> Any:
-    """The ECR client of ``region``: default credential chain, boto3's endpoint settings."""
+    """The ECR client of ``region``: default credential chain, boto3's endpoint settings.
+
+    ``timeout`` (connect and read) and one attempt hold for every client the
+    session makes, not only this one: they are the session's default client
+    config, which botocore merges into the clients its credential providers
+    create (``Session.create_client`` merges ``get_default_client_config()``
+    with the config it is given; ``AssumeRoleWithWebIdentityProvider`` makes its
+    STS client through it, ``credentials.create_credential_resolver`` and
+    ``_get_client_creator``).  So with IRSA the ``AssumeRoleWithWebIdentity``
+    call inside the first token call, and each credential refresh after it,
+    has the same limits instead of botocore's 60 s and legacy retries.
+    """
     import boto3
+    import botocore.session
     from botocore.config import Config
 
     config = Config(connect_timeout=timeout, read_timeout=timeout,
                     retries={"total_max_attempts": 1})  # fmt: skip
-    return boto3.session.Session().client("ecr", region_name=region, config=config)
+    core = botocore.session.get_session()
+    core.set_default_client_config(config)
+    return boto3.session.Session(botocore_session=core).client("ecr", region_name=region)
 
 
 # --------------------------------------------------------------------------- commands
