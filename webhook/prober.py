@@ -38,8 +38,11 @@ Budget, concurrency, cache:
   the admission waits at most ``budget`` seconds, and a registry that has not
   answered the HEAD at ``PROBE_SHARE`` of the budget is ``unreachable`` (timed
   out), so a hung registry is classified inside the admission that first
-  asked (the token call has its own limit, ``TOKEN_TIMEOUT``: a slow ECR API
-  is not a slow registry);
+  asked; the limit is a hard one for each whole exchange, however slowly the
+  bytes come (``_Watchdog``), so no registry holds a pool thread past it (the
+  token call has its own limit, ``TOKEN_TIMEOUT``, per read and one attempt,
+  for the STS call of IRSA credentials too: a slow ECR API is not a slow
+  registry);
 * single-flight per (registry, repository, reference): concurrent admissions
   of the same cold image share one probe, within a worker by a shared future
   and across the server's workers by a lock file with the answer beside it;
