@@ -677,8 +677,9 @@ class Prober:
 
     def _exchange(self, method: str, url: str, headers: Mapping[str, str], deadline: float,
                   what: str) -> Any:  # fmt: skip
-        """One request and its whole answer (preloaded), ended at ``deadline`` whatever
-        the server does (``_Watchdog``); ``what`` prefixes a failure's detail.
+        """One request and its whole answer (read, the connection released), ended at
+        ``deadline`` whatever the server does (``_Watchdog``); ``what`` prefixes a
+        failure's detail.
 
         Every failure to get an answer is ``unreachable``; one at the deadline,
         per read or in total, is ``timed out``.
@@ -688,10 +689,14 @@ class Prober:
             raise _Failed(Outcome.UNREACHABLE, f"{what}timed out")
         with self._watchdog.bound(deadline) as exchange:
             try:
-                return self._http.request(
+                resp = self._http.request(
                     method, url, headers=dict(headers), redirect=False, retries=False,
-                    timeout=urllib3.Timeout(connect=left, read=left),
+                    timeout=urllib3.Timeout(connect=left, read=left), preload_content=False,
                 )  # fmt: skip
+                # The whole body, under the deadline.  The connection goes back
+                # to the pool only after the exchange is over (below), so the
+                # watchdog never shuts one down that another exchange has taken.
+                resp.read(cache_content=True)
             except (urllib3.exceptions.HTTPError, OSError) as exc:
                 # urllib3 2 makes NewConnectionError (refused, no route) a ConnectTimeoutError.
                 per_read = isinstance(exc, urllib3.exceptions.TimeoutError) and not isinstance(
@@ -701,13 +706,14 @@ class Prober:
                 if isinstance(exc, urllib3.exceptions.SSLError):
                     raise _Failed(Outcome.UNREACHABLE, f"{what}TLS: {_short(exc)}") from None
                 raise _Failed(Outcome.UNREACHABLE, f"{what}{_short(exc)}") from None
+        resp.release_conn()
+        return resp
 
     def _ask_ecr(self, ref: ImageRef, region: str, token: str, fresh: bool,
                  limit: float) -> int:  # fmt: skip
         url = self._url(ref)
         deadline = self.clock() + limit
         resp = self._head(url, {"Accept": ACCEPT, "Authorization": f"Basic {token}"}, deadline)
-        resp.release_conn()
         if resp.status in (401, 403) and not fresh and (
             self._token_expired_since_fetch(region) or self._token_age(region) > RETRY_TOKEN_AGE
         ):
@@ -718,13 +724,11 @@ class Prober:
             deadline = self.clock() + limit
             resp = self._head(url, {"Accept": ACCEPT, "Authorization": f"Basic {token}"},
                               deadline)  # fmt: skip
-            resp.release_conn()
         return int(resp.status)
 
     def _ask(self, ref: ImageRef, deadline: float) -> int:
         url = self._url(ref)
         resp = self._head(url, {"Accept": ACCEPT}, deadline)
-        resp.release_conn()
         if resp.status != 401:
             return int(resp.status)
         challenge = resp.headers.get("WWW-Authenticate", "")
@@ -733,7 +737,6 @@ class Prober:
         params = dict(_CHALLENGE_PARAM.findall(challenge))
         token = self._bearer_token(params, ref, deadline)
         resp = self._head(url, {"Accept": ACCEPT, "Authorization": f"Bearer {token}"}, deadline)
-        resp.release_conn()
         return int(resp.status)
 
     def _bearer_token(self, params: Mapping[str, str], ref: ImageRef, deadline: float) -> str:
