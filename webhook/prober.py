@@ -38,8 +38,11 @@ Budget, concurrency, cache:
   the admission waits at most ``budget`` seconds, and a registry that has not
   answered the HEAD at ``PROBE_SHARE`` of the budget is ``unreachable`` (timed
   out), so a hung registry is classified inside the admission that first
-  asked (the token call has its own limit, ``TOKEN_TIMEOUT``: a slow ECR API
-  is not a slow registry);
+  asked; the limit is a hard one for each whole exchange, however slowly the
+  bytes come (``_Watchdog``), so no registry holds a pool thread past it (the
+  token call has its own limit, ``TOKEN_TIMEOUT``, per read and one attempt,
+  for the STS call of IRSA credentials too: a slow ECR API is not a slow
+  registry);
 * single-flight per (registry, repository, reference): concurrent admissions
   of the same cold image share one probe, within a worker by a shared future
   and across the server's workers by a lock file with the answer beside it;
@@ -61,19 +64,24 @@ import contextlib
 import datetime as dt
 import fcntl
 import hashlib
+import heapq
+import itertools
 import json
 import os
 import re
+import socket
 import ssl
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import IO, Any, Protocol
 from urllib.parse import urlencode, urlsplit
 
 import urllib3
+import urllib3.connection
+import urllib3.connectionpool
 
 from webhook.core import ecr, review
 from webhook.core.errors import ConfigError
@@ -111,6 +119,9 @@ DEFAULT_CACHE_SIZE = 4096
 DEFAULT_CONCURRENCY = 16
 USER_AGENT = "ecr-webhook-prober"
 EXAMPLE_HOST = "602401143452.dkr.ecr.us-west-2.amazonaws.com"
+# How often the watchdog looks again at an exchange that is past its deadline
+# but has no socket to shut yet (it is still connecting, itself time-limited).
+RECHECK = 0.02
 _MARKERS = ("Connection refused", "Name or service not known", "certificate verify failed",
             "No route to host", "timed out", "Temporary failure in name resolution")  # fmt: skip
 _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
@@ -186,6 +197,170 @@ class _Failed(Exception):
         super().__init__(detail)
         self.outcome = outcome
         self.detail = detail
+
+
+# --------------------------------------------------------------------------- hard deadlines
+
+# The exchange (below) the current thread is in, if any: urllib3 calls the
+# connection's methods on the thread that made the request.
+_CURRENT = threading.local()
+
+
+class _Exchange:
+    """One HTTP exchange (a request and its whole answer) with a hard deadline."""
+
+    __slots__ = ("clock", "conn", "deadline", "done", "fired", "lock")
+
+    def __init__(self, deadline: float, clock: Callable[[], float]) -> None:
+        self.deadline = deadline
+        self.clock = clock
+        self.conn: urllib3.connection.HTTPConnection | None = None
+        self.done = False
+        self.fired = False  # the deadline passed while it ran
+        self.lock = threading.Lock()
+
+    def expire(self) -> bool:
+        """Shut down the socket of a running exchange; False if it has none yet.
+
+        ``shutdown(2)``, not ``close``: the socket stays the reading thread's to
+        close, and a ``recv`` blocked on it returns end-of-file at once (the
+        base ``socket.shutdown``, so an ``SSLSocket`` keeps its state for that
+        thread).  A socket not yet connected (``fileno() == -1``: wrapped into
+        TLS, or none) is left to its connect timeout, and looked at again.
+        """
+        with self.lock:
+            if self.done:
+                return True
+            self.fired = True
+            sock = getattr(self.conn, "sock", None)
+            if sock is None or sock.fileno() == -1:
+                return False
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            return True
+
+
+class _Watchdog:
+    """Hard total deadlines for the prober's HTTP exchanges.
+
+    urllib3's timeouts are per socket operation (the connect; each read), so a
+    registry that sends a byte every few tenths of a second never trips them
+    and holds a probe thread for as long as it trickles.  ``bound(deadline)``
+    runs one exchange under a deadline: one daemon thread (started on first
+    use, ended by ``close``) keeps the exchanges by deadline and shuts down the
+    socket of one still running at its deadline, so the read fails and the
+    prober reports the timeout it already reports for a hung registry.
+
+    The connect is bounded too: the connection classes below give the new
+    socket the time left as its timeout, and CPython's TLS handshake holds to
+    the socket timeout as a deadline for the whole handshake (``_ssl.c``,
+    ``do_handshake``), so a trickled handshake ends there as well.
+    """
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._due: list[tuple[float, int, _Exchange]] = []
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    @contextlib.contextmanager
+    def bound(self, deadline: float) -> Iterator[_Exchange]:
+        exchange = _Exchange(deadline, self._clock)
+        self._arm(exchange, deadline)
+        _CURRENT.exchange = exchange
+        try:
+            yield exchange
+        finally:
+            _CURRENT.exchange = None
+            with exchange.lock:
+                exchange.done = True
+                exchange.conn = None
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._due.clear()
+            self._cond.notify()
+
+    def _arm(self, exchange: _Exchange, at: float) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            heapq.heappush(self._due, (at, next(self._order), exchange))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="probe-deadlines",
+                                                daemon=True)  # fmt: skip
+                self._thread.start()
+            elif self._due[0][2] is exchange:
+                self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed:
+                    wait = self._due[0][0] - self._clock() if self._due else None
+                    if wait is not None and wait <= 0:
+                        break
+                    self._cond.wait(wait)
+                if self._closed:
+                    return
+                _, _, exchange = heapq.heappop(self._due)
+            if not exchange.expire():
+                self._arm(exchange, self._clock() + RECHECK)
+
+
+def _time_left() -> float | None:
+    exchange: _Exchange | None = getattr(_CURRENT, "exchange", None)
+    if exchange is None:
+        return None
+    return max(exchange.deadline - exchange.clock(), 0.001)
+
+
+def _watched(conn: urllib3.connection.HTTPConnection) -> None:
+    exchange: _Exchange | None = getattr(_CURRENT, "exchange", None)
+    if exchange is not None:
+        with exchange.lock:
+            exchange.conn = conn
+
+
+class _Connection(urllib3.connection.HTTPConnection):
+    """urllib3's connection, under the current thread's exchange deadline (if any)."""
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        left = _time_left()
+        if left is not None:  # the TLS handshake that follows: only the time left
+            sock.settimeout(left)
+        return sock
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _watched(self)
+        super().request(*args, **kwargs)
+
+
+class _TLSConnection(urllib3.connection.HTTPSConnection):
+    """``_Connection`` for HTTPS (the same two methods)."""
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        left = _time_left()
+        if left is not None:
+            sock.settimeout(left)
+        return sock
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _watched(self)
+        super().request(*args, **kwargs)
+
+
+class _Pool(urllib3.connectionpool.HTTPConnectionPool):
+    ConnectionCls = _Connection
+
+
+class _TLSPool(urllib3.connectionpool.HTTPSConnectionPool):
+    ConnectionCls = _TLSConnection
 
 
 @dataclass
@@ -267,6 +442,9 @@ class Prober:
             num_pools=64, maxsize=4, ssl_context=tls_context(self.settings.ca_file),
             retries=False, headers={"User-Agent": USER_AGENT},
         )  # fmt: skip
+        # Connections that the watchdog can end at an exchange's deadline.
+        self._http.pool_classes_by_scheme = {"http": _Pool, "https": _TLSPool}
+        self._watchdog = _Watchdog(clock)
         self.label_hosts: frozenset[str] = frozenset()
         self.facts = ecr.default_facts()
 
@@ -342,6 +520,7 @@ class Prober:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._watchdog.close()
         self._http.clear()
 
     # ------------------------------------------------------------- cache and flights
@@ -494,30 +673,47 @@ class Prober:
         return f"{base}/v2/{ref.path}/manifests/{reference}"
 
     def _head(self, url: str, headers: Mapping[str, str], deadline: float) -> Any:
+        return self._exchange("HEAD", url, headers, deadline, "")
+
+    def _exchange(self, method: str, url: str, headers: Mapping[str, str], deadline: float,
+                  what: str) -> Any:  # fmt: skip
+        """One request and its whole answer (read, the connection released), ended at
+        ``deadline`` whatever the server does (``_Watchdog``); ``what`` prefixes a
+        failure's detail.
+
+        Every failure to get an answer is ``unreachable``; one at the deadline,
+        per read or in total, is ``timed out``.
+        """
         left = deadline - self.clock()
         if left <= 0:
-            raise _Failed(Outcome.UNREACHABLE, "timed out")
-        try:
-            return self._http.request(
-                "HEAD", url, headers=dict(headers), redirect=False, retries=False,
-                timeout=urllib3.Timeout(connect=left, read=left),
-            )  # fmt: skip
-        except urllib3.exceptions.NewConnectionError as exc:
-            # Before TimeoutError: urllib3 2 makes it a subclass of ConnectTimeoutError.
-            raise _Failed(Outcome.UNREACHABLE, _short(exc)) from None
-        except urllib3.exceptions.TimeoutError:
-            raise _Failed(Outcome.UNREACHABLE, "timed out") from None
-        except urllib3.exceptions.SSLError as exc:
-            raise _Failed(Outcome.UNREACHABLE, f"TLS: {_short(exc)}") from None
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise _Failed(Outcome.UNREACHABLE, _short(exc)) from None
+            raise _Failed(Outcome.UNREACHABLE, f"{what}timed out")
+        with self._watchdog.bound(deadline) as exchange:
+            try:
+                resp = self._http.request(
+                    method, url, headers=dict(headers), redirect=False, retries=False,
+                    timeout=urllib3.Timeout(connect=left, read=left), preload_content=False,
+                )  # fmt: skip
+                # The whole body, under the deadline.  The connection goes back
+                # to the pool only after the exchange is over (below), so the
+                # watchdog never shuts one down that another exchange has taken.
+                resp.read(cache_content=True)
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                # urllib3 2 makes NewConnectionError (refused, no route) a ConnectTimeoutError.
+                per_read = isinstance(exc, urllib3.exceptions.TimeoutError) and not isinstance(
+                    exc, urllib3.exceptions.NewConnectionError)  # fmt: skip
+                if exchange.fired or per_read:
+                    raise _Failed(Outcome.UNREACHABLE, f"{what}timed out") from None
+                if isinstance(exc, urllib3.exceptions.SSLError):
+                    raise _Failed(Outcome.UNREACHABLE, f"{what}TLS: {_short(exc)}") from None
+                raise _Failed(Outcome.UNREACHABLE, f"{what}{_short(exc)}") from None
+        resp.release_conn()
+        return resp
 
     def _ask_ecr(self, ref: ImageRef, region: str, token: str, fresh: bool,
                  limit: float) -> int:  # fmt: skip
         url = self._url(ref)
         deadline = self.clock() + limit
         resp = self._head(url, {"Accept": ACCEPT, "Authorization": f"Basic {token}"}, deadline)
-        resp.release_conn()
         if resp.status in (401, 403) and not fresh and (
             self._token_expired_since_fetch(region) or self._token_age(region) > RETRY_TOKEN_AGE
         ):
@@ -528,13 +724,11 @@ class Prober:
             deadline = self.clock() + limit
             resp = self._head(url, {"Accept": ACCEPT, "Authorization": f"Basic {token}"},
                               deadline)  # fmt: skip
-            resp.release_conn()
         return int(resp.status)
 
     def _ask(self, ref: ImageRef, deadline: float) -> int:
         url = self._url(ref)
         resp = self._head(url, {"Accept": ACCEPT}, deadline)
-        resp.release_conn()
         if resp.status != 401:
             return int(resp.status)
         challenge = resp.headers.get("WWW-Authenticate", "")
@@ -543,7 +737,6 @@ class Prober:
         params = dict(_CHALLENGE_PARAM.findall(challenge))
         token = self._bearer_token(params, ref, deadline)
         resp = self._head(url, {"Accept": ACCEPT, "Authorization": f"Bearer {token}"}, deadline)
-        resp.release_conn()
         return int(resp.status)
 
     def _bearer_token(self, params: Mapping[str, str], ref: ImageRef, deadline: float) -> str:
@@ -559,20 +752,8 @@ class Prober:
         if cached is not None and cached.refresh_at > now:
             return cached.value
         query = urlencode({k: v for k, v in (("service", service), ("scope", scope)) if v})
-        left = deadline - now
-        if left <= 0:
-            raise _Failed(Outcome.UNREACHABLE, "timed out")
-        try:
-            resp = self._http.request(
-                "GET", f"{realm}?{query}" if query else realm, retries=False, redirect=False,
-                timeout=urllib3.Timeout(connect=left, read=left),
-            )  # fmt: skip
-        except urllib3.exceptions.NewConnectionError as exc:
-            raise _Failed(Outcome.UNREACHABLE, f"token: {_short(exc)}") from None
-        except urllib3.exceptions.TimeoutError:
-            raise _Failed(Outcome.UNREACHABLE, "token: timed out") from None
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise _Failed(Outcome.UNREACHABLE, f"token: {_short(exc)}") from None
+        resp = self._exchange("GET", f"{realm}?{query}" if query else realm, {}, deadline,
+                              "token: ")  # fmt: skip
         if resp.status != 200:
             raise _Failed(classify_status(resp.status), f"token: HTTP {resp.status}")
         try:
@@ -708,13 +889,27 @@ def _short(exc: BaseException) -> str:
 
 
 def _boto3_client(region: str, timeout: float) -> Any:
-    """The ECR client of ``region``: default credential chain, boto3's endpoint settings."""
+    """The ECR client of ``region``: default credential chain, boto3's endpoint settings.
+
+    ``timeout`` (connect and read) and one attempt hold for every client the
+    session makes, not only this one: they are the session's default client
+    config, which botocore merges into the clients its credential providers
+    create (``Session.create_client`` merges ``get_default_client_config()``
+    with the config it is given; ``AssumeRoleWithWebIdentityProvider`` makes its
+    STS client through it, ``credentials.create_credential_resolver`` and
+    ``_get_client_creator``).  So with IRSA the ``AssumeRoleWithWebIdentity``
+    call inside the first token call, and each credential refresh after it,
+    has the same limits instead of botocore's 60 s and legacy retries.
+    """
     import boto3
+    import botocore.session
     from botocore.config import Config
 
     config = Config(connect_timeout=timeout, read_timeout=timeout,
                     retries={"total_max_attempts": 1})  # fmt: skip
-    return boto3.session.Session().client("ecr", region_name=region, config=config)
+    core = botocore.session.get_session()
+    core.set_default_client_config(config)
+    return boto3.session.Session(botocore_session=core).client("ecr", region_name=region)
 
 
 # --------------------------------------------------------------------------- commands
