@@ -51,3 +51,21 @@ def test_invalid_json_is_a_value_error() -> None:
 def test_non_string_keys_and_odd_objects_still_encode() -> None:
     assert json.loads(jsonc.dumps({1: "a", "b": {2, 3} and "x"})) == {"1": "a", "b": "x"}
     assert jsonc.dumps({"e": ValueError("boom")}) == b'{"e":"boom"}'
+
+
+# Text as annotations carry it: ASCII, controls, DEL, non-ASCII, surrogates.
+texts = st.text(st.characters(codec=None, blacklist_categories=()), max_size=12) | st.sampled_from([
+    "\x7f", "a\x00b", "é", "\u2028",
+    "602401143452.dkr.ecr.af-south-1.amazonaws.com/eks/pause:3.10",
+])  # fmt: skip
+
+
+@given(st.recursive(
+    texts | st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(texts, inner, max_size=4),
+    max_leaves=20,
+))  # fmt: skip
+def test_dumps_sorted_is_byte_for_byte_the_standard_librarys(value: object) -> None:
+    """The originals annotation's text must not depend on the library that wrote it."""
+    assert jsonc.dumps_sorted(value) == json.dumps(value, sort_keys=True, separators=(",", ":"))

@@ -38,3 +38,30 @@ def loads(raw: bytes | str) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
         return json.loads(raw)
+
+
+def dumps_sorted(obj: Any) -> str:
+    """``json.dumps(obj, sort_keys=True, separators=(",", ":"))``, byte for byte, faster.
+
+    For values stored where their exact text matters (the originals
+    annotation, a map of strings): orjson when its output is ASCII without
+    DEL, which for strings, lists and maps is exactly what ``json`` writes
+    (both escape the C0 controls alike); anything else goes to ``json`` itself:
+    non-ASCII text and DEL, which ``json`` escapes, and numbers, whose
+    spellings differ (``1e+16`` and ``1e16``).
+    """
+    try:
+        raw = orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+    except TypeError:
+        raw = b"\x80"  # not ASCII: take the fallback below
+    if raw.isascii() and b"\x7f" not in raw and not _has_number(obj):
+        return raw.decode("ascii")
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def _has_number(obj: Any) -> bool:
+    if isinstance(obj, dict):
+        return any(_has_number(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return any(_has_number(v) for v in obj)
+    return not isinstance(obj, str)

@@ -14,6 +14,7 @@ import json
 from collections.abc import Mapping
 from typing import Any, Literal, NotRequired, TypedDict
 
+from webhook.core import jsonc
 from webhook.core.plan import PodPlan
 from webhook.core.policy import ORIGINALS_ANNOTATION
 
@@ -101,7 +102,7 @@ def build_patch_checked(
             originals.update({str(k): str(v) for k, v in previous.items()})
     for d in rewrites:
         originals.setdefault(d.container, d.image)
-    value = json.dumps(originals, sort_keys=True, separators=(",", ":"))
+    value = jsonc.dumps_sorted(originals)
     others = (
         annotations_size({k: v for k, v in annotations.items() if k != annotation})
         if isinstance(annotations, Mapping)

@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property, lru_cache
 from typing import Any, Protocol
 
 from webhook.core import ecr
@@ -46,6 +47,9 @@ from webhook.core.probing import (
 
 CONTAINER_KINDS: tuple[str, ...] = ("initContainers", "containers", "ephemeralContainers")
 
+
+# Bound of each memo below: a long-running server cannot grow them without limit.
+MEMO_MAX = 4096
 
 class Action(StrEnum):
     KEEP = "keep"
@@ -178,6 +182,11 @@ class PlanContext:
                                                       repr=False)  # fmt: skip
     evidence_memo: dict[tuple[str, tuple[object, ...]], Decision] = field(
         default_factory=dict, compare=False, repr=False)  # fmt: skip
+    # Static oracle: (container name, path, image) -> the whole Decision, so a
+    # pod shape seen before (every replica of a Deployment, every pod of a
+    # DaemonSet) costs a lookup per container, not a construction.
+    decisions: dict[tuple[str, str, str], Decision] = field(
+        default_factory=dict, compare=False, repr=False)  # fmt: skip
 
     @classmethod
     def build(
@@ -200,7 +209,7 @@ class PlanContext:
         base = self.oracle.base if isinstance(self.oracle, EvidenceOracle) else self.oracle
         oracle = EvidenceOracle(base, evidence, self.policy, self.cluster.region, self.facts)
         return PlanContext(self.policy, self.cluster, oracle, self.facts, self.memo,
-                           self.facts_memo, self.evidence_memo)  # fmt: skip
+                           self.facts_memo, self.evidence_memo, self.decisions)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,8 +247,13 @@ class Decision:
 
         kubectl shows admission warnings verbatim; when the full target does not
         fit, name only its registry host (the path, tag and digest are unchanged
-        by construction), and only then cut.
+        by construction), and only then cut.  Memoised on what the text depends
+        on: every admission of a known pod shape asks for the same lines.
         """
+        return _short_message(self.action, self.container, self.image, self.target,
+                              self.detail, limit)  # fmt: skip
+
+    def _short_message(self, limit: int) -> str:
         text = self.message
         if len(text) > limit and self.action is Action.REWRITE and self.target:
             host = self.target.split("/", 1)[0]
@@ -254,16 +268,26 @@ class Decision:
         return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+@lru_cache(maxsize=MEMO_MAX)
+def _short_message(action: Action, container: str, image: str, target: str | None,
+                   detail: str, limit: int) -> str:  # fmt: skip
+    return Decision(container, "", image, action, Reason.NOT_MANAGED, target, "",
+                    detail)._short_message(limit)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class PodPlan:
     decisions: tuple[Decision, ...] = ()
     skipped: str | None = None
 
-    @property
+    # Computed once: the admission path reads them three times (patch,
+    # warnings, metrics).  cached_property writes the instance __dict__
+    # directly, which a frozen (not slotted) dataclass allows.
+    @cached_property
     def rewrites(self) -> tuple[Decision, ...]:
         return tuple(d for d in self.decisions if d.action is Action.REWRITE)
 
-    @property
+    @cached_property
     def warnings(self) -> tuple[Decision, ...]:
         return tuple(d for d in self.decisions if d.action is Action.WARN)
 
@@ -311,7 +335,6 @@ def _skip_set(annotations: object, key: str) -> frozenset[str]:
     return frozenset(n.strip() for n in value.split(",") if n.strip())
 
 
-MEMO_MAX = 4096
 
 
 def _decide(
@@ -330,6 +353,10 @@ def _decide(
         return _decide_with_evidence(name, path, image, ctx, oracle)
     if not getattr(oracle, "static", False):
         return _judge(name, path, image, ctx)
+    key = (name, path, image)
+    decided = ctx.decisions.get(key)
+    if decided is not None:
+        return decided
     judged = ctx.memo.get(image)
     if judged is None:
         judged = _judge("", "", image, ctx)
@@ -339,7 +366,11 @@ def _decide(
     # Not dataclasses.replace: this is the admission hot path, and replace()
     # costs several times a direct construction.
     j = judged
-    return Decision(name, path, j.image, j.action, j.reason, j.target, j.rule, j.detail)
+    decided = Decision(name, path, j.image, j.action, j.reason, j.target, j.rule, j.detail)
+    if len(ctx.decisions) >= MEMO_MAX:
+        ctx.decisions.clear()
+    ctx.decisions[key] = decided
+    return decided
 
 
 @dataclass(frozen=True, slots=True)
