@@ -30,10 +30,17 @@ Targets:
 * a file path: appended to, and rotated by size like ``RotatingFileHandler``
   (``file`` -> ``file.1`` -> ... -> ``file.N``, the oldest dropped).  One
   worker rotates at a time (``flock`` on ``<file>.lock``, non-blocking: a
-  worker that finds a rotation under way just goes on).  Before each write a
-  writer checks that its descriptor still names the file at the path and
-  reopens it if another worker rotated; a record that races a rotation lands
-  at the end of ``file.1``, where it is kept, never lost.  As with
+  worker that finds a rotation under way just goes on).  A writer checks,
+  at most every ``RECHECK_SECONDS`` (50 ms), that its descriptor still names
+  the file at the path, and reopens it if another worker rotated; records
+  written in between land at the end of ``file.1``, where they are kept, never
+  lost (after its own rotation a worker reopens at once).  Between checks the
+  size is the last one seen plus what this worker wrote since, so a file may
+  pass ``max_bytes`` by what the other workers wrote in 50 ms before it is
+  rotated.  Why not a ``stat`` per record: it is a system call on every
+  admission, and each one lets the GIL go to another thread, which the writer
+  then waits for (measured with bench/load.py: the ``stat`` alone cost about a
+  tenth of a busy worker's time per admission).  As with
   ``RotatingFileHandler``, ``max_bytes`` or ``backups`` of 0 disables rotation.
 
 A full disk (ENOSPC, EDQUOT) or an I/O error makes ``write`` raise; the server
@@ -52,6 +59,7 @@ import fcntl
 import os
 import select
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Protocol
@@ -59,6 +67,7 @@ from typing import Any, Protocol
 from webhook.core import jsonc
 
 STDOUT = "-"
+RECHECK_SECONDS = 0.05  # how stale a writer's view of a rotated file may be
 PIPE_BUF = getattr(select, "PIPE_BUF", 4096)
 
 
@@ -128,6 +137,8 @@ class AuditLog:
         self._fd_lock = threading.Lock()
         self._fd: int | None = None
         self._ino: int | None = None
+        self._size = 0  # the file's size at the last stat, plus what was written since
+        self._recheck_at = 0.0  # monotonic time of the next stat of the path
         self._writers = 0  # threads writing through a descriptor handed out
         self._retired: list[int] = []  # replaced descriptors, closed once unused
         if lock_file is None and target != STDOUT:
@@ -160,7 +171,7 @@ class AuditLog:
         # the previous one held a lock across the stat and the write, and the
         # threads of a worker queued on it (17 % of a busy worker's samples,
         # py-spy), each woken thread then waiting for the GIL as well.
-        fd, size = self._acquire_fd()
+        fd, size = self._acquire_fd(len(data))
         try:
             _write_whole(fd, data)
         finally:
@@ -189,14 +200,21 @@ class AuditLog:
         finally:
             self._thread_lock.release()
 
-    def _acquire_fd(self) -> tuple[int, int]:
-        """The descriptor of the file now at ``target`` (reopened after a rotation) and
-        that file's size; in use until ``_release_fd``.
+    def _acquire_fd(self, nbytes: int) -> tuple[int, int]:
+        """The descriptor of the file now at ``target`` (reopened after a rotation,
+        checked at most every ``RECHECK_SECONDS``) and that file's size before
+        this write of ``nbytes``; in use until ``_release_fd``.
 
         Records written between another worker's rename and this reopen land at
         the end of ``target.1``: nothing is lost, and each record is still one
         whole line.
         """
+        now = time.monotonic()
+        with self._fd_lock:
+            if self._fd is not None and now < self._recheck_at:
+                self._writers += 1
+                size, self._size = self._size, self._size + nbytes
+                return self._fd, size
         try:
             st: os.stat_result | None = os.stat(self.target)
         except FileNotFoundError:
@@ -204,6 +222,7 @@ class AuditLog:
         with self._fd_lock:
             if self._fd is not None and st is not None and st.st_ino == self._ino:
                 self._writers += 1
+                self._size, self._recheck_at = st.st_size + nbytes, now + RECHECK_SECONDS
                 return self._fd, st.st_size
         new = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         nst = os.fstat(new)
@@ -215,6 +234,7 @@ class AuditLog:
                     self._retired.append(self._fd)
                 self._fd, self._ino = new, nst.st_ino
             self._writers += 1
+            self._size, self._recheck_at = nst.st_size + nbytes, now + RECHECK_SECONDS
             return self._fd, nst.st_size
 
     def _release_fd(self) -> None:
@@ -243,6 +263,7 @@ class AuditLog:
             for i in range(min(n, self.backups) - 1, 0, -1):
                 os.replace(f"{self.target}.{i}", f"{self.target}.{i + 1}")
             os.replace(self.target, f"{self.target}.1")
+            self._recheck_at = 0.0  # this worker's next record opens the new file
 
     def close(self) -> None:
         with self._thread_lock, self._fd_lock:
