@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from webhook.auditlog import PIPE_BUF, AuditLog
+from webhook.auditlog import PIPE_BUF, RECHECK_SECONDS, AuditLog
 
 
 def _writer(target: str, proc: int, threads: int, per_thread: int, max_bytes: int,
-            pad: int) -> None:  # fmt: skip
-    log = AuditLog(target, max_bytes=max_bytes, backups=10_000)
+            pad: int, recheck: float) -> None:  # fmt: skip
+    log = AuditLog(target, max_bytes=max_bytes, backups=10_000, recheck_seconds=recheck)
 
     def run(t: int) -> None:
         for i in range(per_thread):
@@ -44,15 +44,18 @@ def _read_all(base: Path) -> list[dict[str, object]]:
     return out
 
 
+@pytest.mark.parametrize("recheck", [0.0, RECHECK_SECONDS], ids=["recheck-always", "recheck-50ms"])
 @pytest.mark.parametrize("pad", [200, 6000], ids=["small-records", "records-over-pipe-buf"])
 def test_processes_and_threads_lose_and_mix_nothing_across_rotations(
-    tmp_path: Path, pad: int
+    tmp_path: Path, pad: int, recheck: float
 ) -> None:
+    """Rechecking the path before every write makes this short run rotate many
+    times; with the server's 50 ms, writers also go on into a rotated file."""
     target = tmp_path / "audit.log"
     procs, threads, per_thread = 4, 3, 150
     ctx = multiprocessing.get_context("fork")
     workers = [ctx.Process(target=_writer, args=(str(target), p, threads, per_thread, 32 * 1024,
-                                                 pad)) for p in range(procs)]  # fmt: skip
+                                                 pad, recheck)) for p in range(procs)]  # fmt: skip
     for w in workers:
         w.start()
     for w in workers:
@@ -64,7 +67,8 @@ def test_processes_and_threads_lose_and_mix_nothing_across_rotations(
                 for i in range(per_thread)}  # fmt: skip
     assert len(ids) == len(expected)
     assert set(ids) == expected
-    assert len(list(tmp_path.glob("audit.log.*"))) > 5  # it did rotate, many times
+    # it did rotate (many times when rechecking always); the lock file is one of them
+    assert len(list(tmp_path.glob("audit.log.*"))) > (5 if recheck == 0 else 2)
 
 
 def test_rotation_keeps_n_backups_and_drops_the_oldest(tmp_path: Path) -> None:
@@ -145,3 +149,60 @@ def test_threads_writing_through_rotations_lose_nothing_and_leak_no_descriptor(
     assert log._writers == 0 and log._retired == []  # every replaced descriptor closed
     log.close()
     assert len(os.listdir("/proc/self/fd")) == fds_before
+
+
+def test_records_queued_while_a_write_is_under_way_go_out_with_the_next_one(
+    tmp_path: Path,
+) -> None:
+    """Writes combine: while one thread is in ``write(2)``, other threads queue their
+    record and return at once, and the writing thread writes the queue next, in
+    one system call.  A FIFO whose buffer is full holds the first write for as
+    long as the test likes; the reader then sees every record, whole, once."""
+    fifo = tmp_path / "audit.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    log = AuditLog(str(fifo), max_bytes=0)
+    filler = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        while True:  # fill the pipe: the next write blocks
+            try:
+                os.write(filler, b"\n" * 4096)
+            except BlockingIOError:
+                break
+        first = threading.Thread(target=log.write, args=({"uid": "first"},))
+        first.start()
+        while not log._combining.locked():  # the first write is under way
+            first.join(0.01)
+        others = [threading.Thread(target=log.write, args=({"uid": f"other-{i}"},))
+                  for i in range(3)]  # fmt: skip
+        for t in others:
+            t.start()
+        for t in others:
+            t.join(5)
+            assert not t.is_alive(), "a queued record waited for the blocked write"
+        assert first.is_alive()  # still blocked: the three were only queued
+        os.set_blocking(reader, True)
+        data = b""
+        while data.count(b"}\n") < 4:
+            data += os.read(reader, 65536)
+        first.join(5)
+        assert not first.is_alive()
+    finally:
+        os.close(filler)
+        os.close(reader)
+        log.close()
+    records = [json.loads(line) for line in data.splitlines() if line.strip()]
+    assert sorted(r["uid"] for r in records) == ["first", "other-0", "other-1", "other-2"]
+
+
+def test_a_failed_batch_says_how_many_records_it_lost(tmp_path: Path) -> None:
+    """/dev/full fails every write with ENOSPC; the exception counts the records."""
+    from webhook.auditlog import AuditLost
+
+    log = AuditLog("/dev/full", max_bytes=0)
+    log._queue.extend([b"{}\n", b"{}\n"])  # two records left by other threads
+    with pytest.raises(AuditLost) as caught:
+        log.write({"uid": "mine"})
+    assert caught.value.lost == 3
+    assert caught.value.errno == 28  # ENOSPC
+    log.close()

@@ -324,9 +324,10 @@ def create_app(
         try:
             audit.write(build_record(outcome, received, clock()))
         except Exception as exc:  # a lost record is counted and logged, rate-limited
-            metrics.errors.labels("audit").inc()
-            metrics.audit_write_errors.labels(errno_label(exc)).inc()
-            report, held = audit_throttle.due()
+            lost = getattr(exc, "lost", 1)  # AuditLost: records of other threads too
+            metrics.errors.labels("audit").inc(lost)
+            metrics.audit_write_errors.labels(errno_label(exc)).inc(lost)
+            report, held = audit_throttle.due(lost)
             if report:
                 log.error("audit record not written; serving on", err=exc, uid=uid,
                           target=config.audit_log, heldBack=held)  # fmt: skip

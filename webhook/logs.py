@@ -153,14 +153,15 @@ class Throttle:
     def pending(self) -> bool:
         return self._count > 0
 
-    def due(self) -> tuple[bool, int]:
+    def due(self, n: int = 1) -> tuple[bool, int]:
+        """Count ``n`` occurrences (one report covers them all)."""
         with self._lock:
             now = self.clock()
-            self._count += 1
+            self._count += n
             if self._last is not None and now - self._last < self.interval:
-                self._held += 1
+                self._held += n
                 return False, 0
-            held, self._held, self._last = self._held, 0, now
+            held, self._held, self._last = self._held + n - 1, 0, now
             return True, held
 
     def settle(self) -> int:
