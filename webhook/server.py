@@ -46,7 +46,6 @@ import base64
 import contextlib
 import errno
 import glob
-import mmap
 import os
 import selectors
 import shutil
@@ -99,64 +98,6 @@ AppFactory = Callable[[ServeConfig], WSGIApp]
 
 
 # --------------------------------------------------------------------------- worker
-
-
-class AcceptBalance:
-    """Open connections per worker, in memory the master shares with its workers.
-
-    Why: the kube-apiserver (Go's HTTP client) keeps a handful of keep-alive
-    connections to a webhook and sends every admission over them.  Workers
-    race for ``accept``, and the winner is whichever poller is awake, so the
-    connections often land unevenly (12 and 4 of 16 seen with ``hey``), and a
-    worker's threads share one GIL: the busy worker runs out of interpreter
-    while the other idles.  So a worker accepts only while it holds no more
-    connections than the least loaded of the others; the least loaded one
-    always accepts, so a new connection is never refused, only steered.
-
-    Layout: an anonymous shared ``mmap`` made by the master before it forks
-    (``run``), one (pid, connections) pair of int64 per slot.  The master
-    reserves a slot for each worker it forks (``pre_fork``, single-threaded)
-    and frees it when the worker exits (``child_exit``); the worker publishes
-    its pid once it serves (a booting worker must not hold the others back)
-    and its connection count on every turn of its loop.  Aligned 8-byte loads
-    and stores do not tear on the platforms we run on; a count read a turn
-    late only steers one connection less evenly.
-    """
-
-    RESERVED = -1
-
-    def __init__(self, slots: int) -> None:
-        self.slots = slots
-        self._mem = mmap.mmap(-1, 16 * slots)
-        self._cells = memoryview(self._mem).cast("q")
-
-    def reserve(self) -> int:
-        """A free slot for a worker about to be forked (master), or -1 if none is free."""
-        for i in range(self.slots):
-            if self._cells[2 * i] == 0:
-                self._cells[2 * i], self._cells[2 * i + 1] = self.RESERVED, 0
-                return i
-        return -1
-
-    def release(self, slot: int) -> None:
-        if 0 <= slot < self.slots:
-            self._cells[2 * slot], self._cells[2 * slot + 1] = 0, 0
-
-    def serve(self, slot: int, pid: int) -> None:
-        if 0 <= slot < self.slots:
-            self._cells[2 * slot + 1], self._cells[2 * slot] = 0, pid
-
-    def may_accept(self, slot: int, connections: int) -> bool:
-        """Publish ``connections`` for ``slot``; whether that worker may accept now."""
-        cells = self._cells
-        cells[2 * slot + 1] = connections
-        for i in range(self.slots):
-            if i != slot and cells[2 * i] > 0 and cells[2 * i + 1] < connections:
-                return False
-        return True
-
-# While steered away from accepting, a worker re-reads the counts this often.
-_STEER_POLL = 0.01
 
 # Bytes one connection may read per poller turn, so a fast large body does not
 # keep the poller from the other connections (the rest is read on a later turn).
@@ -232,48 +173,11 @@ class WebhookWorker(gthread.ThreadWorker):  # type: ignore[misc]
 
     read_timeout: float = 5.0
     max_body: int = 7 * 1024 * 1024
-    balance: AcceptBalance | None = None
-    slot = -1  # this worker's AcceptBalance slot, set by the master before forking
 
     def init_process(self) -> None:
         self._reading: dict[Any, _Reading] = {}
         self._stop_at: float | None = None
-        self._steered = False  # not accepting only because another worker has fewer
         super().init_process()
-
-    # -- accepting: gthread's loop accepts while nr_conns < worker_connections
-
-    @property
-    def worker_connections(self) -> int:
-        """gthread's accept limit, lowered to nr_conns while another worker has fewer."""
-        limit: int = self._worker_connections
-        balance, slot = self.balance, self.slot
-        self._steered = False
-        if balance is None or slot < 0 or self.nr_conns >= limit or not self.alive:
-            return limit
-        if balance.may_accept(slot, self.nr_conns):
-            return limit
-        self._steered = True
-        return int(self.nr_conns)
-
-    @worker_connections.setter
-    def worker_connections(self, value: int) -> None:
-        self._worker_connections = value
-
-    def run(self) -> None:
-        if self.balance is not None:
-            self.balance.serve(self.slot, os.getpid())
-        try:
-            super().run()
-        finally:
-            if self.balance is not None:
-                self.balance.release(self.slot)
-
-    def wait_for_and_dispatch_events(self, timeout: float) -> None:
-        # Steered away from accepting: look again soon, since the worker that
-        # has fewer connections may gain some without this one waking up.
-        super().wait_for_and_dispatch_events(min(timeout, _STEER_POLL) if self._steered
-                                             else timeout)  # fmt: skip
 
     # -- entry point: every connection that needs a request goes through here
 
@@ -460,12 +364,10 @@ class WebhookWorker(gthread.ThreadWorker):  # type: ignore[misc]
         return False
 
 
-def make_worker(read_timeout: float, max_body: int,
-                balance: AcceptBalance | None = None) -> type[WebhookWorker]:  # fmt: skip
-    """The worker class ``serve`` runs, with its read deadline, body limit and balance."""
+def make_worker(read_timeout: float, max_body: int) -> type[WebhookWorker]:
+    """The worker class ``serve`` runs, with its read deadline and body limit."""
     return type("WebhookWorker", (WebhookWorker,),
-                {"read_timeout": read_timeout, "max_body": max_body,
-                 "balance": balance})  # fmt: skip
+                {"read_timeout": read_timeout, "max_body": max_body})  # fmt: skip
 
 
 class GunicornLogger(GunicornBaseLogger):  # type: ignore[misc]
@@ -613,14 +515,13 @@ def _bind(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def gunicorn_options(config: ServeConfig, runtime_dir: str,
-                     balance: AcceptBalance | None = None) -> dict[str, Any]:  # fmt: skip
+def gunicorn_options(config: ServeConfig, runtime_dir: str) -> dict[str, Any]:
     """The gunicorn settings ``serve`` uses (bench/load.py serves its floor with them)."""
     return {
         "bind": [_bind(config.host, config.port)],
         "workers": config.workers,
         "threads": config.threads,
-        "worker_class": make_worker(config.read_timeout, MAX_BODY, balance),
+        "worker_class": make_worker(config.read_timeout, MAX_BODY),
         "keepalive": KEEPALIVE_SECONDS,
         "graceful_timeout": GRACEFUL_TIMEOUT,
         "certfile": config.cert_file,
@@ -760,23 +661,12 @@ def run(
         def post_worker_init(worker: Any) -> None:
             serve_metrics(metrics_sock, lambda: metrics.multiprocess_exposition(runtime_dir))
 
-        # Made before forking, so every worker shares it (see AcceptBalance);
-        # twice the workers: a replacement may start before its predecessor's
-        # exit is reaped.
-        balance = AcceptBalance(2 * config.workers) if config.workers > 1 else None
-
-        def pre_fork(server: Any, worker: Any) -> None:
-            if balance is not None:
-                worker.slot = balance.reserve()
-
         def child_exit(server: Any, worker: Any) -> None:
             metrics.mark_process_dead(worker.pid, runtime_dir)
-            if balance is not None:
-                balance.release(worker.slot)
 
-        options = gunicorn_options(config, runtime_dir, balance)
+        options = gunicorn_options(config, runtime_dir)
         options.update(ssl_context=ssl_context, post_worker_init=post_worker_init,
-                       pre_fork=pre_fork, child_exit=child_exit)  # fmt: skip
+                       child_exit=child_exit)  # fmt: skip
         options.update(gunicorn_overrides or {})
         log.info("serving", address=f"https://{_bind(config.host, config.port)}/mutate",
                  metrics=f"http://{_bind(config.host, config.metrics_port)}/metrics",
