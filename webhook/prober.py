@@ -340,19 +340,8 @@ class _Connection(urllib3.connection.HTTPConnection):
         super().request(*args, **kwargs)
 
 
-class _TLSConnection(urllib3.connection.HTTPSConnection):
-    """``_Connection`` for HTTPS (the same two methods)."""
-
-    def _new_conn(self) -> socket.socket:
-        sock = super()._new_conn()
-        left = _time_left()
-        if left is not None:
-            sock.settimeout(left)
-        return sock
-
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        _watched(self)
-        super().request(*args, **kwargs)
+class _TLSConnection(_Connection, urllib3.connection.HTTPSConnection):
+    """``_Connection`` for HTTPS: its two methods, then HTTPSConnection's (MRO)."""
 
 
 class _Pool(urllib3.connectionpool.HTTPConnectionPool):
