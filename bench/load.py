@@ -11,8 +11,11 @@ Run from the repository root (Debian: ``apt-get install -y hey``)::
    ``serve --workers 2 --threads 4``, and, alternately in the same run, to a
    *floor* server: the same Flask + gunicorn + TLS settings (``server.run`` with
    a canned-answer app) answering a canned "allowed" review.  The rounds
-   alternate so drift on this shared 2-core machine hits both alike; the ratio
-   is of the median requests per second.  Target: ratio >= 0.85, no non-200.
+   alternate so drift on this shared 2-core machine hits both alike.
+   ``--processes`` (3) floor and webhook processes are measured, because a
+   process's speed is sticky (bench/modes.py); the ratio is of the medians
+   over processes of each process's median requests per second.  Target:
+   ratio >= 0.85, no non-200.
 2. **Connection storms.**  128, then 512 concurrent keep-alive TLS
    connections for 10 s each against ``serve`` with its default settings,
    client timeout 10 s (the kube-apiserver's default webhook timeout).
@@ -205,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--duration", type=int, default=10, help="seconds per throughput round")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--processes", type=int, default=3,
+                   help="floor and webhook processes each (a process's speed is sticky)")
     p.add_argument("--connections", type=int, default=16, help="keep-alive connections")
     p.add_argument("--storm-connections", type=int, nargs="+", default=[128, 512])
     p.add_argument("--storm-duration", type=int, default=10)
@@ -249,62 +254,79 @@ def main(argv: list[str] | None = None) -> int:
     procs: list[ServerProcess] = []
     try:
         print(
-            f"throughput: {args.rounds} alternating rounds of {args.duration} s, "
+            f"throughput: {args.rounds} alternating rounds of {args.duration} s over "
+            f"{args.processes} floor and {args.processes} webhook processes, "
             f"{args.connections} keep-alive TLS connections, --workers 2 --threads 4, "
             f"audit to {args.audit}"
         )
-        webhook, wport = start_webhook(tmp, 2, 4, audit=args.audit)
-        floor, fport = start_floor(tmp, 2, 4)
-        procs += [webhook, floor]
-        hey(fport, body, 2, args.connections)  # warm up both
-        warm = hey(wport, body, 2, args.connections)
-        floors: list[HeyResult] = []
-        hooks: list[HeyResult] = []
+        # Several processes of each kind: a server process's speed is sticky
+        # (bench/modes.py: identical processes stay fast or slow for their whole
+        # life on the 2-core machine), so one pair decides the ratio by chance.
+        pairs: list[tuple[ServerProcess, int, ServerProcess, int, Path]] = []
+        for n in range(args.processes):
+            d = tmp / f"p{n}"
+            d.mkdir()
+            for name in (certs.CERT_FILE, certs.KEY_FILE, certs.CA_FILE):
+                shutil.copy(tmp / name, d / name)
+            webhook, wport = start_webhook(d, 2, 4, audit=args.audit)
+            floor, fport = start_floor(d, 2, 4)
+            procs += [webhook, floor]
+            pairs.append((floor, fport, webhook, wport, d))
+        answered = 0
+        for _, fport, _, wport, _ in pairs:
+            hey(fport, body, 2, args.connections)  # warm up both
+            answered += hey(wport, body, 2, args.connections).ok
+        floors: list[list[HeyResult]] = [[] for _ in pairs]
+        hooks: list[list[HeyResult]] = [[] for _ in pairs]
         # Server CPU time per answer (master + workers, /proc): less exposed to
         # other jobs on the shared cores than requests per second, and a lower
         # bound of the throughput ratio (hey's own CPU per request is the same
         # for both servers and is not counted).
-        floor_cpu: list[float] = []
-        hook_cpu: list[float] = []
+        floor_cpu: list[list[float]] = [[] for _ in pairs]
+        hook_cpu: list[list[float]] = [[] for _ in pairs]
         for i in range(args.rounds):
-            for proc, port, out, cpu in ((floor, fport, floors, floor_cpu),
-                                         (webhook, wport, hooks, hook_cpu)):  # fmt: skip
-                before = cpu_seconds(proc.proc.pid)
-                out.append(hey(port, body, args.duration, args.connections))
-                used = cpu_seconds(proc.proc.pid) - before
-                cpu.append(used / max(out[-1].ok, 1) * 1e6)
             print(f" round {i + 1}")
-            print(line("floor", floors[-1]) + f"   server CPU {floor_cpu[-1]:5.0f} us/req")
-            print(line("webhook", hooks[-1]) + f"   server CPU {hook_cpu[-1]:5.0f} us/req")
-        f_rps = statistics.median(r.rps for r in floors)
-        w_rps = statistics.median(r.rps for r in hooks)
+            for n, (floor, fport, webhook, wport, _) in enumerate(pairs):
+                for name, proc, port, out, cpu in (
+                        ("floor", floor, fport, floors[n], floor_cpu[n]),
+                        ("webhook", webhook, wport, hooks[n], hook_cpu[n])):  # fmt: skip
+                    before = cpu_seconds(proc.proc.pid)
+                    out.append(hey(port, body, args.duration, args.connections))
+                    used = cpu_seconds(proc.proc.pid) - before
+                    cpu.append(used / max(out[-1].ok, 1) * 1e6)
+                    print(line(f"{name} {n + 1}", out[-1])
+                          + f"   server CPU {cpu[-1]:5.0f} us/req")  # fmt: skip
+        f_each = [statistics.median(r.rps for r in rs) for rs in floors]
+        w_each = [statistics.median(r.rps for r in rs) for rs in hooks]
+        f_rps, w_rps = statistics.median(f_each), statistics.median(w_each)
         ratio = w_rps / f_rps if f_rps else 0.0
-        non200 = sum(r.non_200 + r.failed for r in hooks)
+        non200 = sum(r.non_200 + r.failed for rs in hooks for r in rs)
+        print("   per process, median req/s: floor "
+              + " ".join(f"{x:.0f}" for x in f_each) + "; webhook "
+              + " ".join(f"{x:.0f}" for x in w_each))  # fmt: skip
         print(
-            f" median: floor {f_rps:.1f} req/s, webhook {w_rps:.1f} req/s, "
+            f" median over processes: floor {f_rps:.1f} req/s, webhook {w_rps:.1f} req/s, "
             f"ratio {ratio:.2f} (target >= 0.85), webhook non-200/errors {non200}"
         )
-        # Each round's pair ran back to back, so its ratio is less exposed to the
-        # load other jobs put on the shared cores than the ratio of medians.
-        paired = [h.rps / f.rps for f, h in zip(floors, hooks, strict=True) if f.rps]
-        print(f"   per-round ratios {' '.join(f'{x:.2f}' for x in paired)}; "
-              f"median {statistics.median(paired) if paired else 0.0:.2f}")  # fmt: skip
-        f_cpu, w_cpu = statistics.median(floor_cpu), statistics.median(hook_cpu)
+        f_cpu = statistics.median(statistics.median(c) for c in floor_cpu)
+        w_cpu = statistics.median(statistics.median(c) for c in hook_cpu)
         print(f"   server CPU per answer: floor {f_cpu:.0f} us, webhook {w_cpu:.0f} us, "
               f"ratio {f_cpu / w_cpu if w_cpu else 0.0:.2f}")  # fmt: skip
+        all_f = [r for rs in floors for r in rs]
+        all_w = [r for rs in hooks for r in rs]
         print(
-            f"   p50 floor {statistics.median(r.p50 for r in floors) * 1000:.2f} ms, "
-            f"webhook {statistics.median(r.p50 for r in hooks) * 1000:.2f} ms;  "
-            f"p99 floor {statistics.median(r.p99 for r in floors) * 1000:.2f} ms, "
-            f"webhook {statistics.median(r.p99 for r in hooks) * 1000:.2f} ms"
+            f"   p50 floor {statistics.median(r.p50 for r in all_f) * 1000:.2f} ms, "
+            f"webhook {statistics.median(r.p50 for r in all_w) * 1000:.2f} ms;  "
+            f"p99 floor {statistics.median(r.p99 for r in all_f) * 1000:.2f} ms, "
+            f"webhook {statistics.median(r.p99 for r in all_w) * 1000:.2f} ms"
         )
-        answered = warm.ok + sum(r.ok for r in hooks)
-        webhook.stop()
-        floor.stop()
-        if args.audit == "stdout":
-            records = len(audit_ids(tmp / "audit.stdout"))
-        else:
-            records = len(audit_ids(tmp / "audit.log"))
+        answered += sum(r.ok for r in all_w)
+        records = 0
+        for floor, _, webhook, _, d in pairs:
+            webhook.stop()
+            floor.stop()
+            records += len(audit_ids(d / ("audit.stdout" if args.audit == "stdout"
+                                          else "audit.log")))  # fmt: skip
         print(
             f"   audit records {records} for {answered} answers of 200 "
             f"({'complete' if records == answered else 'MISMATCH'})"
