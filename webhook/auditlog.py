@@ -40,8 +40,8 @@ Targets:
   pass ``max_bytes`` by what the other workers wrote in 50 ms before it is
   rotated.  Why not a ``stat`` per record: it is a system call on every
   admission, and each one lets the GIL go to another thread, which the writer
-  then waits for (bench/auditwrite.py, four threads: 8.5 us of CPU per record
-  with a ``stat`` each, 5.8 us without).  As with
+  then waits for (bench/auditwrite.py, four threads: 10-11 us of CPU per
+  record with a ``stat`` each, 6-7 us without).  As with
   ``RotatingFileHandler``, ``max_bytes`` or ``backups`` of 0 disables rotation.
 
 A full disk (ENOSPC, EDQUOT) or an I/O error makes ``write`` raise; the server
@@ -196,8 +196,8 @@ class AuditLog:
         record is written by its own thread before ``write`` returns.  Under
         load, one system call carries the records of several admissions, and
         threads no longer take turns at the GIL around a system call each
-        (bench/auditwrite.py, four threads writing at once: 44-51 us of CPU per
-        record with a write each, 7-9 us combined).  A record may then be written
+        (bench/auditwrite.py, four threads writing at once: 55-69 us of CPU per
+        record with a write each, 10-11 us combined).  A record may then be written
         a few microseconds after its admission is answered, by another thread:
         a worker killed with SIGKILL in that window loses those records (a
         graceful stop loses none).
