@@ -118,10 +118,11 @@ def decode(read_timeout: float = 5.0) -> object:
 def _read_at_most(stream: Any, limit: int, deadline: float) -> bytes:
     """Up to ``limit`` bytes of the body, read before ``deadline`` (monotonic).
 
-    The worker hands a thread a request only once it has arrived, except one
-    it cannot frame or one over the size limit (say a chunk size of 64 MiB):
-    such a body may trickle in, and without a deadline it would hold the
-    thread for as long as the client keeps sending a byte now and then.
+    Under ``serve`` the worker hands a thread a request only once it has
+    arrived (and answers a body over the limit itself), except one it cannot
+    frame: such a body may trickle in, and without a deadline it would hold
+    the thread for as long as the client keeps sending a byte now and then.
+    Served by anything else, every body is read here.
     """
     parts: list[bytes] = []
     size = 0
@@ -290,6 +291,7 @@ def create_app(
 
     app = Flask("webhook")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+
     def refused(code: int, message: str) -> None:
         """A request the server's worker answered itself (413 from its poller)."""
         metrics.observe(code, "rejected", 0.0)

@@ -51,6 +51,14 @@ CONTAINER_KINDS: tuple[str, ...] = ("initContainers", "containers", "ephemeralCo
 # Bound of each memo below: a long-running server cannot grow them without limit.
 MEMO_MAX = 4096
 
+
+def _remember(memo: dict[Any, Any], key: object, value: object) -> None:
+    """``memo[key] = value``, emptying ``memo`` first when it holds ``MEMO_MAX`` entries."""
+    if len(memo) >= MEMO_MAX:
+        memo.clear()
+    memo[key] = value
+
+
 class Action(StrEnum):
     KEEP = "keep"
     REWRITE = "rewrite"
@@ -236,11 +244,7 @@ class Decision:
     @property
     def message(self) -> str:
         """A one-line human message, for reports and logs."""
-        if self.action is Action.REWRITE:
-            return f"image of container {self.container} rewritten to {self.target} ({self.detail})"
-        if self.action is Action.WARN:
-            return f"image of container {self.container} not rewritten: {self.detail}"
-        return f"image of container {self.container} kept: {self.detail}"
+        return _message(self.action, self.container, self.target, self.detail)
 
     def short_message(self, limit: int = 120) -> str:
         """``message`` within ``limit`` characters, keeping the reason readable.
@@ -250,29 +254,32 @@ class Decision:
         by construction), and only then cut.  Memoised on what the text depends
         on: every admission of a known pod shape asks for the same lines.
         """
-        return _short_message(self.action, self.container, self.image, self.target,
-                              self.detail, limit)  # fmt: skip
+        return _short_message(self.action, self.container, self.target, self.detail, limit)
 
-    def _short_message(self, limit: int) -> str:
-        text = self.message
-        if len(text) > limit and self.action is Action.REWRITE and self.target:
-            host = self.target.split("/", 1)[0]
-            for short in (
-                f"image of container {self.container} rewritten to {host}/… ({self.detail})",
-                f"container {self.container}: image moved to {host} ({self.detail})",
-                f"container {self.container} → {host} ({self.detail})",
-                f"image of container {self.container} rewritten ({self.detail})",
-            ):
-                if len(short) <= limit:
-                    return short
-        return text if len(text) <= limit else text[: limit - 1] + "…"
+
+def _message(action: Action, container: str, target: str | None, detail: str) -> str:
+    if action is Action.REWRITE:
+        return f"image of container {container} rewritten to {target} ({detail})"
+    if action is Action.WARN:
+        return f"image of container {container} not rewritten: {detail}"
+    return f"image of container {container} kept: {detail}"
 
 
 @lru_cache(maxsize=MEMO_MAX)
-def _short_message(action: Action, container: str, image: str, target: str | None,
-                   detail: str, limit: int) -> str:  # fmt: skip
-    return Decision(container, "", image, action, Reason.NOT_MANAGED, target, "",
-                    detail)._short_message(limit)  # fmt: skip
+def _short_message(action: Action, container: str, target: str | None, detail: str,
+                   limit: int) -> str:  # fmt: skip
+    text = _message(action, container, target, detail)
+    if len(text) > limit and action is Action.REWRITE and target:
+        host = target.split("/", 1)[0]
+        for short in (
+            f"image of container {container} rewritten to {host}/… ({detail})",
+            f"container {container}: image moved to {host} ({detail})",
+            f"container {container} → {host} ({detail})",
+            f"image of container {container} rewritten ({detail})",
+        ):
+            if len(short) <= limit:
+                return short
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dataclass(frozen=True)
@@ -336,7 +343,6 @@ def _skip_set(annotations: object, key: str) -> frozenset[str]:
 
 
 
-
 def _decide(
     name: str, path: str, image: object, skip: frozenset[str], ctx: PlanContext
 ) -> Decision:
@@ -360,16 +366,12 @@ def _decide(
     judged = ctx.memo.get(image)
     if judged is None:
         judged = _judge("", "", image, ctx)
-        if len(ctx.memo) >= MEMO_MAX:
-            ctx.memo.clear()
-        ctx.memo[image] = judged
+        _remember(ctx.memo, image, judged)
     # Not dataclasses.replace: this is the admission hot path, and replace()
     # costs several times a direct construction.
     j = judged
     decided = Decision(name, path, j.image, j.action, j.reason, j.target, j.rule, j.detail)
-    if len(ctx.decisions) >= MEMO_MAX:
-        ctx.decisions.clear()
-    ctx.decisions[key] = decided
+    _remember(ctx.decisions, key, decided)
     return decided
 
 
@@ -394,9 +396,7 @@ def image_facts(image: str, ctx: PlanContext) -> ImageFacts | None:
     if image in ctx.facts_memo:
         return ctx.facts_memo[image]
     facts = _image_facts(image, ctx)
-    if len(ctx.facts_memo) >= MEMO_MAX:
-        ctx.facts_memo.clear()
-    ctx.facts_memo[image] = facts
+    _remember(ctx.facts_memo, image, facts)
     return facts
 
 
@@ -451,9 +451,7 @@ def _decide_with_evidence(
     j = ctx.evidence_memo.get(key)
     if j is None:
         j = _judge("", "", image, ctx)
-        if len(ctx.evidence_memo) >= MEMO_MAX:
-            ctx.evidence_memo.clear()
-        ctx.evidence_memo[key] = j
+        _remember(ctx.evidence_memo, key, j)
     probes = tuple(p for r in facts.consulted if (p := oracle.probe(r)) is not None)
     return Decision(name, path, j.image, j.action, j.reason, j.target, j.rule, j.detail, probes)
 
