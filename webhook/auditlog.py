@@ -162,15 +162,12 @@ class AuditLog:
         # the writer had taken it.)
         self._queue: deque[bytes] = deque()
         self._combining = threading.Lock()
-        # Bookkeeping of the file descriptor, held for a few bytecodes only and
-        # never across a system call (see write()).
-        self._fd_lock = threading.Lock()
+        # The file's descriptor, used only by the thread holding _combining, so
+        # one replaced after a rotation can be closed at once.
         self._fd: int | None = None
         self._ino: int | None = None
         self._size = 0  # the file's size at the last stat, plus what was written since
         self._recheck_at = 0.0  # monotonic time of the next stat of the path
-        self._writers = 0  # threads writing through a descriptor handed out
-        self._retired: list[int] = []  # replaced descriptors, closed once unused
         if lock_file is None and target != STDOUT:
             lock_file = target + ".lock"
         self._lock_fd = (
@@ -227,19 +224,8 @@ class AuditLog:
                 with self._locked():
                     _write_all(1, data)
             return
-        # A descriptor is closed only when no thread of this process can be
-        # writing through it: one replaced after a rotation is retired, and
-        # closed once the count of writers drops to zero.  An earlier version
-        # closed stale descriptors after a while instead and lost the records of
-        # a thread whose descriptor was closed under it (tests/test_auditlog.py);
-        # the previous one held a lock across the stat and the write, and the
-        # threads of a worker queued on it (17 % of a busy worker's samples,
-        # py-spy), each woken thread then waiting for the GIL as well.
-        fd, size = self._acquire_fd(len(data))
-        try:
-            _write_whole(fd, data)
-        finally:
-            self._release_fd()
+        fd, size = self._current_fd(len(data))
+        _write_whole(fd, data)
         if self.rotates and size + len(data) >= self.max_bytes:
             self._rotate()
 
@@ -264,51 +250,32 @@ class AuditLog:
         finally:
             self._thread_lock.release()
 
-    def _acquire_fd(self, nbytes: int) -> tuple[int, int]:
+    def _current_fd(self, nbytes: int) -> tuple[int, int]:
         """The descriptor of the file now at ``target`` (reopened after a rotation,
         checked at most every ``RECHECK_SECONDS``) and that file's size before
-        this write of ``nbytes``; in use until ``_release_fd``.
+        this write of ``nbytes``.  Called by the thread holding ``_combining``.
 
         Records written between another worker's rename and this reopen land at
         the end of ``target.1``: nothing is lost, and each record is still one
         whole line.
         """
         now = time.monotonic()
-        with self._fd_lock:
-            if self._fd is not None and now < self._recheck_at:
-                self._writers += 1
-                size, self._size = self._size, self._size + nbytes
-                return self._fd, size
+        if self._fd is not None and now < self._recheck_at:
+            size, self._size = self._size, self._size + nbytes
+            return self._fd, size
         try:
             st: os.stat_result | None = os.stat(self.target)
         except FileNotFoundError:
             st = None
-        with self._fd_lock:
-            if self._fd is not None and st is not None and st.st_ino == self._ino:
-                self._writers += 1
-                self._size, self._recheck_at = st.st_size + nbytes, now + self.recheck_seconds
-                return self._fd, st.st_size
-        new = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-        nst = os.fstat(new)
-        with self._fd_lock:
-            if self._fd is not None and self._ino == nst.st_ino:
-                self._retired.append(new)  # another thread reopened it first
-            else:
-                if self._fd is not None:
-                    self._retired.append(self._fd)
-                self._fd, self._ino = new, nst.st_ino
-            self._writers += 1
-            self._size, self._recheck_at = nst.st_size + nbytes, now + self.recheck_seconds
-            return self._fd, nst.st_size
-
-    def _release_fd(self) -> None:
-        with self._fd_lock:
-            self._writers -= 1
-            if self._writers or not self._retired:
-                return
-            retired, self._retired = self._retired, []
-        for fd in retired:  # handed out before they were retired, and no writer left
-            os.close(fd)
+        if self._fd is None or st is None or st.st_ino != self._ino:
+            new = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                          0o640)  # fmt: skip
+            if self._fd is not None:
+                os.close(self._fd)
+            st = os.fstat(new)
+            self._fd, self._ino = new, st.st_ino
+        self._size, self._recheck_at = st.st_size + nbytes, now + self.recheck_seconds
+        return self._fd, st.st_size
 
     def _rotate(self) -> None:
         with self._locked(blocking=False) as got:
@@ -330,12 +297,11 @@ class AuditLog:
             self._recheck_at = 0.0  # this worker's next record opens the new file
 
     def close(self) -> None:
-        with self._thread_lock, self._fd_lock:
-            for fd in (self._fd, self._lock_fd, *self._retired):
+        with self._combining, self._thread_lock:
+            for fd in (self._fd, self._lock_fd):
                 if fd is not None:
                     os.close(fd)
             self._fd = self._lock_fd = None
-            self._retired = []
 
     def files(self) -> list[str]:
         """The current file and its backups, newest first (for tests and tools)."""
