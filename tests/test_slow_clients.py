@@ -49,6 +49,16 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         yield srv
 
 
+def assert_admissions_answered(server: Served, prefix: str, n: int) -> None:
+    """``n`` admissions, each allowed with its own uid within the apiserver's timeout."""
+    for i in range(n):
+        status, doc = post_review(server.port, server.ctx, admission_review(uid=f"{prefix}-{i}"),
+                                  timeout=APISERVER_TIMEOUT)  # fmt: skip
+        assert status == 200
+        assert doc["response"]["uid"] == f"{prefix}-{i}"
+        assert doc["response"]["allowed"] is True
+
+
 def request_head(length: int, *, chunked: bool = False) -> bytes:
     framing = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % length
     return (b"POST /mutate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
@@ -105,13 +115,7 @@ def test_64_stalled_connections_do_not_stop_admissions_or_healthz(server: Served
             stalled.append(("handshake", raw))
         assert len(stalled) == 64
         # While all 64 are open and stalled, the server answers within the apiserver's timeout.
-        for i in range(16):
-            status, doc = post_review(server.port, server.ctx,
-                                      admission_review(uid=f"during-{i}"),
-                                      timeout=APISERVER_TIMEOUT)  # fmt: skip
-            assert status == 200
-            assert doc["response"]["uid"] == f"during-{i}"
-            assert doc["response"]["allowed"] is True
+        assert_admissions_answered(server, "during", 16)
         assert get(server.port, "/healthz", server.ctx, timeout=APISERVER_TIMEOUT)[0] == 200
         # Every stalled connection is then dropped by the server after its deadline
         # (generous bounds: the deadline, plus the poller's 1 s tick, plus slack).
@@ -259,12 +263,7 @@ def test_requests_handed_to_threads_cannot_be_trickled_into_holding_them(
             socks.append(s)
         feeder.start()
         time.sleep(1)
-        for i in range(8):
-            status, doc = post_review(server.port, server.ctx,
-                                      admission_review(uid=f"{shape}-{i}"),
-                                      timeout=APISERVER_TIMEOUT)  # fmt: skip
-            assert status == 200
-            assert doc["response"]["uid"] == f"{shape}-{i}"
+        assert_admissions_answered(server, shape, 8)
         for s in socks:
             assert closed_or_answered(s, READ_TIMEOUT + 10), shape
         if shape != "huge-header":
