@@ -338,9 +338,9 @@ class Served:
                 return float(value)
         return 0.0
 
-    def tls(self) -> ssl.SSLSocket:
+    def tls(self, timeout: float = 10) -> ssl.SSLSocket:
         """A raw TLS connection to the admission port, as the apiserver opens it."""
-        raw = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        raw = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
         return self.ctx.wrap_socket(raw, server_side=False, server_hostname="localhost")
 
 

@@ -285,3 +285,47 @@ def closed_or_answered(sock: ssl.SSLSocket, within: float) -> bool:
     except TimeoutError:
         return False
     return not data or data.startswith(b"HTTP/1.1 4")
+
+
+# gunicorn's worker_connections default: the connections one worker holds at most.
+WORKER_CONNECTIONS = 1000
+
+
+def test_idle_connections_at_the_limit_are_closed_longest_idle_first(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """More idle TLS connections than one worker's ``worker_connections`` (1000):
+    the worker closes the longest idle to accept again, so a new connection's
+    admission and ``/healthz`` are still answered, and a connection in use keeps
+    its slot.  Before, the 1001st connection waited in the listen backlog for the
+    keep-alive timeout (120 s) of the idle ones."""
+    with served(tmp_path_factory.mktemp("limit"), "--workers", "1", "--threads", "2") as srv:
+        idle: list[ssl.SSLSocket] = []
+        try:
+            in_use = srv.tls()
+            in_use.settimeout(APISERVER_TIMEOUT)
+            body = json.dumps(admission_review(uid="in-use")).encode()
+            request = request_head(len(body)) + body
+
+            def use() -> None:
+                in_use.sendall(request)
+                assert read_response(in_use).startswith(b"HTTP/1.1 200")
+
+            use()
+            for i in range(WORKER_CONNECTIONS + 100):
+                # A handshake that stalls (no slot frees) times out here: the old behaviour.
+                idle.append(srv.tls(timeout=APISERVER_TIMEOUT))
+                if i % 100 == 0:
+                    use()  # the connection in use is never the longest idle
+            assert_admissions_answered(srv, "at-limit", 4)
+            assert get(srv.port, "/healthz", srv.ctx, timeout=APISERVER_TIMEOUT)[0] == 200
+            use()  # still open: it was not closed for the newer idle ones
+            # The first 100 idle connections were the longest idle: closed by the server.
+            assert all(closed_by_server(s, 2) for s in idle[:100])
+            # The newest were kept.
+            assert not any(closed_by_server(s, 0.2) for s in idle[-20:])
+        finally:
+            for s in idle:
+                s.close()
+        stderr = srv.proc.stderr()
+    assert "connection limit (1000) reached: closed" in stderr, stderr[-2000:]

@@ -109,6 +109,11 @@ _STEP_BYTES = 256 * 1024
 # bytes causes (RFC 9112 section 9.6: close in stages; nginx's lingering_close).
 _LINGER_SECONDS = 1.0
 
+# At the connection limit, idle connections closed per turn of the poller (as
+# nginx's ngx_drain_connections), and how often that is reported.
+_EVICT_BATCH = 32
+_EVICT_REPORT_SECONDS = 10
+
 
 class _Reading:
     """A connection the poller is reading a request from (no thread holds it).
@@ -118,11 +123,12 @@ class _Reading:
     dropped until the client closes or the deadline passes.
     """
 
-    __slots__ = ("buf", "deadline", "out", "refused", "scanner")
+    __slots__ = ("buf", "deadline", "out", "refused", "scanner", "since")
 
-    def __init__(self, scanner: RequestScanner, deadline: float) -> None:
+    def __init__(self, scanner: RequestScanner, deadline: float, since: float) -> None:
         self.buf = bytearray()
         self.deadline = deadline
+        self.since = since  # when the connection was accepted or its last answer sent
         self.scanner = scanner
         self.out = b""
         self.refused = False
@@ -153,7 +159,9 @@ class WebhookWorker(gthread.ThreadWorker):  # type: ignore[misc]
     * a request, headers and body (``Content-Length`` or chunked), within
       ``read_timeout`` seconds of its first byte.
 
-    A connection past its deadline is closed.  Why this and not socket
+    A connection past its deadline is closed, and at ``worker_connections``
+    the connections idle longest are closed to make room (``_evict_idle``).
+    Why this and not socket
     timeouts on gthread's threads: a timeout still holds the thread until it
     expires, so ``threads`` stalled clients stop the worker for
     ``read_timeout`` seconds at a time, and a client that keeps re-opening
@@ -177,6 +185,8 @@ class WebhookWorker(gthread.ThreadWorker):  # type: ignore[misc]
     def init_process(self) -> None:
         self._reading: dict[Any, _Reading] = {}
         self._stop_at: float | None = None
+        self._evicted = 0  # idle connections closed at the limit, not yet reported
+        self._evict_report_at = 0.0
         super().init_process()
 
     # -- entry point: every connection that needs a request goes through here
@@ -188,7 +198,7 @@ class WebhookWorker(gthread.ThreadWorker):  # type: ignore[misc]
             super().enqueue_req(conn)
             return
         now = time.monotonic()
-        state = _Reading(RequestScanner(self.max_body), now + self.cfg.keepalive)
+        state = _Reading(RequestScanner(self.max_body), now + self.cfg.keepalive, now)
         if not conn.initialized:
             state.deadline = now + HANDSHAKE_TIMEOUT
         else:
@@ -337,6 +347,38 @@ class WebhookWorker(gthread.ThreadWorker):  # type: ignore[misc]
             if now >= deadline:
                 self._drop(conn, "after 413" if state.refused
                            else "deadline passed" if state.buf else "idle")  # fmt: skip
+        if self.nr_conns >= self.worker_connections and self.alive:
+            self._evict_idle(now)
+
+    def _evict_idle(self, now: float) -> None:
+        """At ``worker_connections``, close the connections idle longest, to accept again.
+
+        Without this, connections that only idle (kept alive, or opened and
+        never sent a byte) fill the worker's connection slots for up to the
+        keep-alive timeout, and the apiserver's next connection waits in the
+        listen backlog until its own timeout.  nginx does the same when it runs
+        out of connections (ngx_drain_connections closes up to 32 idle
+        keep-alive connections).  Only connections with no request bytes are
+        closed: a client sending a request keeps it.  The longest idle go
+        first, so a client that keeps using its connections keeps them.
+        """
+        idle = sorted(
+            ((state.since, id(conn), conn) for conn, state in self._reading.items()
+             if not state.buf and not state.out and not state.refused),
+        )  # fmt: skip
+        evicted = 0
+        for _, _, conn in idle[:_EVICT_BATCH]:
+            self._drop(conn, "idle, closed at the connection limit")
+            evicted += 1
+        self._evicted += evicted
+        if self._evicted and now >= self._evict_report_at:
+            self.log.warning(
+                "connection limit (%d) reached: closed %d idle connections "
+                "(reported at most every %d s)",
+                self.worker_connections, self._evicted, _EVICT_REPORT_SECONDS,
+            )  # fmt: skip
+            self._evicted = 0
+            self._evict_report_at = now + _EVICT_REPORT_SECONDS
 
     # -- in a thread: a whole request is buffered
 
