@@ -96,9 +96,12 @@ def parse_hey(text: str) -> HeyResult:
     return r
 
 
-def hey(port: int, body: Path, seconds: int, connections: int, timeout: int = 20) -> HeyResult:
-    """``hey`` with keep-alive over TLS: ``connections`` concurrent clients for ``seconds``."""
+def hey(port: int, body: Path, seconds: int, connections: int, timeout: int = 20,
+        cpus: str | None = None) -> HeyResult:  # fmt: skip
+    """``hey`` with keep-alive over TLS: ``connections`` concurrent clients for ``seconds``
+    (on the CPUs ``cpus`` names, ``taskset -c`` syntax, when given)."""
     argv = [
+        *(["taskset", "-c", cpus] if cpus else []),
         "hey",
         "-z",
         f"{seconds}s",
