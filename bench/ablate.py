@@ -96,6 +96,10 @@ def app_factory(variant: str, tmp: Path) -> Any:
         kw["audit"] = _DropAudit() if dropped else AuditLog(str(tmp / "audit.log"))
         if variant in ("no-metrics", "neither"):
             kw["metrics"] = _null_metrics()
+        else:  # as serve builds them
+            from webhook.metrics import FLUSH_SECONDS, Metrics
+
+            kw["metrics"] = Metrics(flush_seconds=FLUSH_SECONDS)
         return create_app(config, **kw)
 
     return make

@@ -19,9 +19,11 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
 
 SOURCE_REGISTRY = "602401143452.dkr.ecr.ap-southeast-4.amazonaws.com"
 REGION = "ap-southeast-4"
@@ -266,6 +268,32 @@ def ecr_webhook() -> list[str]:
     """The installed console script, as documented (``ecr-webhook ...``)."""
     exe = Path(sys.executable).with_name("ecr-webhook")
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "webhook"]
+
+
+def settled(read: Callable[[], _T]) -> _T:
+    """``read()`` once every worker has flushed what earlier requests counted
+    (``webhook.metrics.FLUSH_SECONDS``, plus slack): a baseline to count from."""
+    from webhook.metrics import FLUSH_SECONDS
+
+    time.sleep(FLUSH_SECONDS + 0.5)
+    return read()
+
+
+def eventually(read: Callable[[], float], done: Callable[[float], bool],
+               within: float = 5.0) -> float:  # fmt: skip
+    """``read()`` until ``done`` holds for its value, at most ``within`` seconds; the last value.
+
+    ``serve`` writes a worker's per-request metrics (requests, durations,
+    rewrites, the in-flight sample) to the shared files every second
+    (``webhook.metrics.FLUSH_SECONDS``); a scrape answered by another worker
+    sees them up to that late.
+    """
+    deadline = time.monotonic() + within
+    while True:
+        value = read()
+        if done(value) or time.monotonic() >= deadline:
+            return value
+        time.sleep(0.1)
 
 
 class ServerProcess:

@@ -39,11 +39,13 @@ from tests.serving import (
     aws_node_pod,
     decode_patch,
     ecr_webhook,
+    eventually,
     free_port,
     get,
     images,
     peer_certificate,
     post_review,
+    settled,
 )
 from webhook.config import ServeConfig
 
@@ -209,7 +211,7 @@ def test_audit_is_complete_under_concurrent_load(server: Served) -> None:
     workers write; every line must still parse and every uid appear once.
     """
     threads, per_thread = 24, 25
-    before = metrics(server.config.metrics_port)
+    before = settled(lambda: metrics(server.config.metrics_port))  # earlier tests' counts in
     errors: list[BaseException] = []
 
     def client(t: int) -> None:
@@ -244,11 +246,14 @@ def test_audit_is_complete_under_concurrent_load(server: Served) -> None:
     assert all(r["kind"] == "EcrWebhookAudit" and r["schemaVersion"] == "v1" for r in records)
     rotated = list(Path(server.config.audit_log).parent.glob("audit.log.*"))
     assert len([f for f in rotated if f.suffix != ".lock"]) >= 2
-    # The scrape adds up both workers: the counter moved by exactly N.
-    after = metrics(server.config.metrics_port)
-    moved = sample(after, "ecr_webhook_requests_total", code="200", result="patched") - sample(
-        before, "ecr_webhook_requests_total", code="200", result="patched"
-    )
+    # The scrape adds up both workers: the counter moved by exactly N (once both
+    # workers have flushed: within a second).
+    start = sample(before, "ecr_webhook_requests_total", code="200", result="patched")
+    moved = eventually(
+        lambda: sample(metrics(server.config.metrics_port), "ecr_webhook_requests_total",
+                       code="200", result="patched") - start,
+        lambda n: n >= len(expected),
+    )  # fmt: skip
     assert moved == len(expected)
 
 
@@ -267,7 +272,12 @@ def test_metrics_scrape_has_the_documented_names(server: Served) -> None:
     assert sample(scrape, "ecr_webhook_rewrites_total", reason="wrong-account",
                   registry=TARGET_REGISTRY) >= 3  # fmt: skip
     assert sample(scrape, "ecr_webhook_build_info", version="0.1.0") == 1
-    assert sample(scrape, "ecr_webhook_requests_in_flight") == 0
+    # A sample per worker, taken at its last flush (within a second).
+    in_flight = eventually(
+        lambda: sample(metrics(server.config.metrics_port), "ecr_webhook_requests_in_flight"),
+        lambda n: n == 0,
+    )
+    assert in_flight == 0
     assert ("ecr_webhook_probes_total", (("outcome", "unauthorized"), ("registry", "other"))) \
         in scrape
     assert get(server.config.metrics_port, "/other")[0] == 404

@@ -346,7 +346,7 @@ def create_app(
     def mutate() -> Response:
         received = clock()
         started = time.perf_counter()
-        metrics.in_flight.inc()
+        metrics.begin()
         try:
             ans = answer()
             document = ans.outcome.review if ans.outcome is not None else ans.document
@@ -357,7 +357,7 @@ def create_app(
                 metrics.errors.labels("record").inc()
                 log.error("recording the admission failed", err=exc)
         finally:
-            metrics.in_flight.dec()
+            metrics.end()
         return Response(payload, status=ans.status, mimetype=JSON)
 
     @app.get("/healthz")

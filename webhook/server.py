@@ -694,14 +694,24 @@ def run(
             lock = os.path.join(runtime_dir, "audit.lock") if config.audit_log == "-" else None
             audit = AuditLog(config.audit_log, max_bytes=config.audit_max_bytes,
                              backups=config.audit_backups, lock_file=lock)  # fmt: skip
-            return create_app(config, audit=audit, certificate=certificate,
+            # Per-request metrics flushed every second (webhook.metrics.Metrics).
+            local = metrics.Metrics(flush_seconds=metrics.FLUSH_SECONDS)
+            return create_app(config, audit=audit, certificate=certificate, metrics=local,
                               log=logs.Log(verbosity=config.log_verbosity))  # fmt: skip
 
         def ssl_context(conf: Any, default_factory: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
             return certificate.context()
 
         def post_worker_init(worker: Any) -> None:
-            serve_metrics(metrics_sock, lambda: metrics.multiprocess_exposition(runtime_dir))
+            hooks = getattr(worker.wsgi, "extensions", {}).get("ecr_webhook", {})
+            local = hooks.get("metrics")  # this worker's: flushed before it answers a scrape
+
+            def exposition() -> tuple[bytes, str]:
+                if local is not None:
+                    local.flush()
+                return metrics.multiprocess_exposition(runtime_dir)
+
+            serve_metrics(metrics_sock, exposition)
 
         def child_exit(server: Any, worker: Any) -> None:
             metrics.mark_process_dead(worker.pid, runtime_dir)
