@@ -60,6 +60,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tests.serving import wait_until  # noqa: F401  (re-exported for the probing tests)
+
 DOCKER_REGISTRY = shutil.which("docker-registry") or "/usr/bin/docker-registry"
 HTPASSWD = shutil.which("htpasswd") or "/usr/bin/htpasswd"
 
@@ -104,16 +106,6 @@ def closed_port_url() -> str:
     at once, as it does for a registry whose host is up but whose service is not.
     """
     return f"https://127.0.0.1:{free_port()}"
-
-
-def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> None:
-    """Poll ``predicate()`` until true; ``AssertionError`` naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 # --------------------------------------------------------------------------- TLS

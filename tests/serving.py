@@ -279,21 +279,19 @@ def settled(read: Callable[[], _T]) -> _T:
     return read()
 
 
-def eventually(read: Callable[[], float], done: Callable[[float], bool],
-               within: float = 5.0) -> float:  # fmt: skip
-    """``read()`` until ``done`` holds for its value, at most ``within`` seconds; the last value.
+def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> None:
+    """Poll ``predicate()`` until true; ``AssertionError`` naming ``what`` after ``timeout``.
 
-    ``serve`` writes a worker's per-request metrics (requests, durations,
-    rewrites, the in-flight sample) to the shared files every second
-    (``webhook.metrics.FLUSH_SECONDS``); a scrape answered by another worker
-    sees them up to that late.
+    For example ``serve``'s per-request metrics: a worker writes them to the
+    shared files every second (``webhook.metrics.FLUSH_SECONDS``), so a scrape
+    answered by another worker sees them up to that late.
     """
-    deadline = time.monotonic() + within
-    while True:
-        value = read()
-        if done(value) or time.monotonic() >= deadline:
-            return value
-        time.sleep(0.1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class ServerProcess:

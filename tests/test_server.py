@@ -39,13 +39,13 @@ from tests.serving import (
     aws_node_pod,
     decode_patch,
     ecr_webhook,
-    eventually,
     free_port,
     get,
     images,
     peer_certificate,
     post_review,
     settled,
+    wait_until,
 )
 from webhook.config import ServeConfig
 
@@ -249,12 +249,13 @@ def test_audit_is_complete_under_concurrent_load(server: Served) -> None:
     # The scrape adds up both workers: the counter moved by exactly N (once both
     # workers have flushed: within a second).
     start = sample(before, "ecr_webhook_requests_total", code="200", result="patched")
-    moved = eventually(
-        lambda: sample(metrics(server.config.metrics_port), "ecr_webhook_requests_total",
-                       code="200", result="patched") - start,
-        lambda n: n >= len(expected),
-    )  # fmt: skip
-    assert moved == len(expected)
+
+    def moved() -> float:
+        return sample(metrics(server.config.metrics_port), "ecr_webhook_requests_total",
+                      code="200", result="patched") - start  # fmt: skip
+
+    wait_until(lambda: moved() >= len(expected), 5, "both workers' counts")
+    assert moved() == len(expected)
 
 
 def test_metrics_scrape_has_the_documented_names(server: Served) -> None:
@@ -273,11 +274,10 @@ def test_metrics_scrape_has_the_documented_names(server: Served) -> None:
                   registry=TARGET_REGISTRY) >= 3  # fmt: skip
     assert sample(scrape, "ecr_webhook_build_info", version="0.1.0") == 1
     # A sample per worker, taken at its last flush (within a second).
-    in_flight = eventually(
-        lambda: sample(metrics(server.config.metrics_port), "ecr_webhook_requests_in_flight"),
-        lambda n: n == 0,
-    )
-    assert in_flight == 0
+    wait_until(lambda: sample(metrics(server.config.metrics_port),
+                              "ecr_webhook_requests_in_flight") == 0,
+               5, "no request in flight")  # fmt: skip
+    assert sample(metrics(server.config.metrics_port), "ecr_webhook_requests_in_flight") == 0
     assert ("ecr_webhook_probes_total", (("outcome", "unauthorized"), ("registry", "other"))) \
         in scrape
     assert get(server.config.metrics_port, "/other")[0] == 404

@@ -325,7 +325,10 @@ class Metrics:
 
         In multiprocess mode a fresh registry with a ``MultiProcessCollector``
         is built per scrape, as the prometheus_client documentation requires.
+        What this ``Metrics`` has gathered is written first, so the worker
+        answering a scrape shows its own answers up to now.
         """
+        self.flush()
         path = multiprocess_dir()
         if path is None:
             return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -14,11 +14,8 @@ from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
+from webhook.core import jsonc
 from webhook.core.review import Outcome
-
-# isinstance against dict first: 19 ns for the JSON objects a review holds,
-# 186 ns for the ABC check (CPython 3.11, timeit); same answer for any Mapping.
-_MAPPING = (dict, Mapping)
 
 KIND = "EcrWebhookAudit"
 SCHEMA_VERSION = "v1"
@@ -42,17 +39,17 @@ def _second(seconds: int) -> str:
 
 def _owner(obj: Mapping[str, Any]) -> dict[str, str] | None:
     meta = obj.get("metadata")
-    refs = meta.get("ownerReferences") if isinstance(meta, _MAPPING) else None
+    refs = meta.get("ownerReferences") if isinstance(meta, jsonc.OBJECT) else None
     if not isinstance(refs, list) or not refs:
         return None
-    ref = next((r for r in refs if isinstance(r, _MAPPING) and r.get("controller")), refs[0])
-    if not isinstance(ref, _MAPPING):
+    ref = next((r for r in refs if isinstance(r, jsonc.OBJECT) and r.get("controller")), refs[0])
+    if not isinstance(ref, jsonc.OBJECT):
         return None
     return {"kind": str(ref.get("kind", "")), "name": str(ref.get("name", ""))}
 
 
 def _mapping(value: object) -> Mapping[str, Any]:
-    return value if isinstance(value, _MAPPING) else {}
+    return value if isinstance(value, jsonc.OBJECT) else {}
 
 
 def _text(value: object) -> str:

@@ -18,10 +18,6 @@ from webhook.core import jsonc
 from webhook.core.plan import PodPlan
 from webhook.core.policy import ORIGINALS_ANNOTATION
 
-# isinstance against dict first: 19 ns for the JSON objects a review holds,
-# 186 ns for the ABC check (CPython 3.11, timeit); same answer for any Mapping.
-_MAPPING = (dict, Mapping)
-
 # Kubernetes refuses an object whose annotations total more than 256 KiB,
 # counting len(key) + len(value) in bytes over all of them
 # (k8s.io/apimachinery pkg/api/validation/objectmeta.go: ValidateAnnotationsSize,
@@ -96,8 +92,8 @@ def build_patch_checked(
         return ops, None
     meta = _resolve(obj, meta_pointer)
     originals: dict[str, str] = {}
-    annotations = meta.get("annotations") if isinstance(meta, _MAPPING) else None
-    if isinstance(annotations, _MAPPING):
+    annotations = meta.get("annotations") if isinstance(meta, jsonc.OBJECT) else None
+    if isinstance(annotations, jsonc.OBJECT):
         try:
             previous = json.loads(annotations.get(annotation) or "{}")
         except (TypeError, ValueError):
@@ -109,16 +105,16 @@ def build_patch_checked(
     value = jsonc.dumps_sorted(originals)
     others = (
         annotations_size({k: v for k, v in annotations.items() if k != annotation})
-        if isinstance(annotations, _MAPPING)
+        if isinstance(annotations, jsonc.OBJECT)
         else 0
     )
     if others + len(annotation.encode()) + len(value.encode()) > TOTAL_ANNOTATION_SIZE_LIMIT:
         return ops, ANNOTATION_OMITTED
-    if not isinstance(meta, _MAPPING):
+    if not isinstance(meta, jsonc.OBJECT):
         ops.append(
             {"op": "add", "path": meta_pointer, "value": {"annotations": {annotation: value}}}
         )
-    elif not isinstance(annotations, _MAPPING):
+    elif not isinstance(annotations, jsonc.OBJECT):
         ops.append(
             {"op": "add", "path": f"{meta_pointer}/annotations", "value": {annotation: value}}
         )
@@ -135,7 +131,7 @@ def _resolve(obj: Mapping[str, Any], pointer: str) -> object:
     for token in pointer.lstrip("/").split("/"):
         if not token:
             continue
-        if not isinstance(node, _MAPPING):
+        if not isinstance(node, jsonc.OBJECT):
             return None
         node = node.get(token.replace("~1", "/").replace("~0", "~"))
     return node

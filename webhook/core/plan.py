@@ -33,7 +33,7 @@ from enum import StrEnum
 from functools import cached_property, lru_cache
 from typing import Any, Protocol
 
-from webhook.core import ecr
+from webhook.core import ecr, jsonc
 from webhook.core.errors import InvalidReferenceError
 from webhook.core.imageref import ImageRef, parse
 from webhook.core.policy import MirrorTarget, Policy, RegionTarget
@@ -44,10 +44,6 @@ from webhook.core.probing import (
     upstream_of,
     usable,
 )
-
-# isinstance against dict first: 19 ns for the JSON objects a review holds,
-# 186 ns for the ABC check (CPython 3.11, timeit); same answer for any Mapping.
-_MAPPING = (dict, Mapping)
 
 CONTAINER_KINDS: tuple[str, ...] = ("initContainers", "containers", "ephemeralContainers")
 
@@ -315,14 +311,13 @@ def plan_pod(
     Never raises on odd input: what is not a container list is skipped.
     """
     policy = ctx.policy
-    meta = meta if isinstance(meta, _MAPPING) else {}
+    meta = meta if isinstance(meta, jsonc.OBJECT) else {}
     if namespace and namespace in policy.exclude_namespaces:
         return PodPlan(skipped=f"namespace {namespace} is excluded by the policy")
-    labels = meta.get("labels")
-    if isinstance(labels, _MAPPING) and str(labels.get(policy.opt_out_label, "")).lower() == "true":
+    if _opted_out(meta, policy.opt_out_label):
         return PodPlan(skipped=f"label {policy.opt_out_label}=true opts the pod out")
     skip = _skip_set(meta.get("annotations"), policy.skip_annotation)
-    if not isinstance(spec, _MAPPING):
+    if not isinstance(spec, jsonc.OBJECT):
         return PodPlan()
     decisions: list[Decision] = []
     for kind in kinds:
@@ -330,15 +325,21 @@ def plan_pod(
         if not isinstance(containers, list):
             continue
         for i, c in enumerate(containers):
-            if not isinstance(c, _MAPPING):
+            if not isinstance(c, jsonc.OBJECT):
                 continue
             name = str(c.get("name", f"{kind}[{i}]"))
             decisions.append(_decide(name, f"{kind}/{i}/image", c.get("image"), skip, ctx))
     return PodPlan(decisions=tuple(decisions))
 
 
+def _opted_out(meta: Mapping[str, Any], label: str) -> bool:
+    """Whether the pod's labels carry ``label=true`` (any case)."""
+    labels = meta.get("labels")
+    return isinstance(labels, jsonc.OBJECT) and str(labels.get(label, "")).lower() == "true"
+
+
 def _skip_set(annotations: object, key: str) -> frozenset[str]:
-    if not isinstance(annotations, _MAPPING):
+    if not isinstance(annotations, jsonc.OBJECT):
         return frozenset()
     value = annotations.get(key)
     if not isinstance(value, str):
@@ -585,11 +586,10 @@ def probe_requests(
     containers the planner skips are not probed.  Ordered, without repeats.
     """
     policy = ctx.policy
-    meta = meta if isinstance(meta, _MAPPING) else {}
-    if not isinstance(spec, _MAPPING) or (namespace and namespace in policy.exclude_namespaces):
+    meta = meta if isinstance(meta, jsonc.OBJECT) else {}
+    if not isinstance(spec, jsonc.OBJECT) or (namespace and namespace in policy.exclude_namespaces):
         return ()
-    labels = meta.get("labels")
-    if isinstance(labels, _MAPPING) and str(labels.get(policy.opt_out_label, "")).lower() == "true":
+    if _opted_out(meta, policy.opt_out_label):
         return ()
     skip = _skip_set(meta.get("annotations"), policy.skip_annotation)
     if "*" in skip:
@@ -600,7 +600,7 @@ def probe_requests(
         if not isinstance(containers, list):
             continue
         for c in containers:
-            if not isinstance(c, _MAPPING) or str(c.get("name", "")) in skip:
+            if not isinstance(c, jsonc.OBJECT) or str(c.get("name", "")) in skip:
                 continue
             image = c.get("image")
             facts = image_facts(image, ctx) if isinstance(image, str) else None

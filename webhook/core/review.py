@@ -24,7 +24,6 @@ when the webhook does not answer).
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, NotRequired, TypedDict, cast
 
@@ -35,10 +34,6 @@ from webhook.core.patch import PatchOp, build_patch_checked
 from webhook.core.plan import CONTAINER_KINDS, PlanContext, PodPlan, plan_pod
 from webhook.core.plan import probe_requests as _pod_probe_requests
 from webhook.core.policy import ORIGINALS_ANNOTATION
-
-# isinstance against dict first: 19 ns for the JSON objects a review holds,
-# 186 ns for the ABC check (CPython 3.11, timeit); same answer for any Mapping.
-_MAPPING = (dict, Mapping)
 
 API_VERSIONS = ("admission.k8s.io/v1", "admission.k8s.io/v1beta1")
 MAX_WARNING = 120
@@ -111,17 +106,17 @@ _REQUEST_FIELDS: tuple[tuple[str, type | tuple[type, ...]], ...] = (
     ("subResource", str),
     ("namespace", str),
     ("name", str),
-    ("resource", _MAPPING),
-    ("userInfo", _MAPPING),
-    ("object", _MAPPING),
-    ("oldObject", _MAPPING),
+    ("resource", jsonc.OBJECT),
+    ("userInfo", jsonc.OBJECT),
+    ("object", jsonc.OBJECT),
+    ("oldObject", jsonc.OBJECT),
     ("dryRun", bool),
 )
 
 
 def parse_review(body: object) -> tuple[str, AdmissionRequest]:
     """Validate the envelope; return (apiVersion, request).  Raises ReviewError."""
-    if not isinstance(body, _MAPPING):
+    if not isinstance(body, jsonc.OBJECT):
         raise ReviewError("the body must be a JSON object (an AdmissionReview)")
     api_version = body.get("apiVersion")
     if api_version not in API_VERSIONS:
@@ -131,7 +126,7 @@ def parse_review(body: object) -> tuple[str, AdmissionRequest]:
     if body.get("kind") != "AdmissionReview":
         raise ReviewError(f"kind must be AdmissionReview, got {body.get('kind')!r}")
     request = body.get("request")
-    if not isinstance(request, _MAPPING):
+    if not isinstance(request, jsonc.OBJECT):
         raise ReviewError("request is missing or not an object")
     uid = request.get("uid")
     if not isinstance(uid, str) or not uid:
@@ -198,9 +193,9 @@ def admit(body: object, ctx: PlanContext) -> Outcome:
     if not ok:
         return Outcome(response(api_version, uid), "skipped", request, skipped="out of scope")
     pod = request.get("object")
-    if not isinstance(pod, _MAPPING):
+    if not isinstance(pod, jsonc.OBJECT):
         raise ReviewError("request.object is missing or not an object")
-    meta = pod.get("metadata") if isinstance(pod.get("metadata"), _MAPPING) else {}
+    meta = pod.get("metadata") if isinstance(pod.get("metadata"), jsonc.OBJECT) else {}
     namespace = request.get("namespace") or (meta or {}).get("namespace")
     plan = plan_pod(meta, pod.get("spec"), namespace, ctx, kinds)
     if plan.skipped:
@@ -238,18 +233,18 @@ def probe_requests(body: object, ctx: PlanContext) -> tuple[ImageRef, ...]:
     _, request = parse_review(body)
     ok, kinds = in_scope(request)
     pod = request.get("object")
-    if not ok or not isinstance(pod, _MAPPING):
+    if not ok or not isinstance(pod, jsonc.OBJECT):
         return ()
-    meta = pod.get("metadata") if isinstance(pod.get("metadata"), _MAPPING) else {}
+    meta = pod.get("metadata") if isinstance(pod.get("metadata"), jsonc.OBJECT) else {}
     namespace = request.get("namespace") or (meta or {}).get("namespace")
     return _pod_probe_requests(meta, pod.get("spec"), namespace, ctx, kinds)
 
 
 def _only_new(plan: PodPlan, old: object) -> PodPlan:
     """``plan`` without the ephemeral containers that ``old`` (oldObject) already had."""
-    spec = old.get("spec") if isinstance(old, _MAPPING) else None
-    existing = spec.get("ephemeralContainers") if isinstance(spec, _MAPPING) else None
-    names = {c.get("name") for c in existing or [] if isinstance(c, _MAPPING)}
+    spec = old.get("spec") if isinstance(old, jsonc.OBJECT) else None
+    existing = spec.get("ephemeralContainers") if isinstance(spec, jsonc.OBJECT) else None
+    names = {c.get("name") for c in existing or [] if isinstance(c, jsonc.OBJECT)}
     if not names:
         return plan
     return replace(plan, decisions=tuple(d for d in plan.decisions if d.container not in names))
