@@ -36,8 +36,8 @@ TARGET_LABELS = {"job", "instance", "namespace", "pod", "service", "endpoint", "
 def families() -> dict[str, tuple[str, frozenset[str]]]:
     """Metric family name -> (type, sample names), as the server registers them."""
     m = server_metrics.Metrics(CollectorRegistry())
-    m.observe(200, "patched", 0.003)
-    m.rewritten([("wrong-account", "602401143452.dkr.ecr.af-south-1.amazonaws.com/eks/pause:3.9")])
+    m.answered(200, "patched", 0.003,
+               [("wrong-account", "602401143452.dkr.ecr.af-south-1.amazonaws.com/eks/pause:3.9")])
     return {family.name: (family.type, frozenset(s.name for s in family.samples))
             for family in m.registry.collect()}  # fmt: skip
 
@@ -46,8 +46,8 @@ def families() -> dict[str, tuple[str, frozenset[str]]]:
 def exported() -> dict[str, frozenset[str]]:
     """Sample name -> label names, as a scrape of the server would show them."""
     m = server_metrics.Metrics(CollectorRegistry())
-    m.observe(200, "patched", 0.003)
-    m.rewritten([("wrong-account", "602401143452.dkr.ecr.af-south-1.amazonaws.com/eks/pause:3.9")])
+    m.answered(200, "patched", 0.003,
+               [("wrong-account", "602401143452.dkr.ecr.af-south-1.amazonaws.com/eks/pause:3.9")])
     out: dict[str, set[str]] = {}
     for family in m.registry.collect():
         for sample in family.samples:

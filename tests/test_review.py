@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from webhook.core.errors import ReviewError
-from webhook.core.plan import PlanContext
+from webhook.core.plan import DERIVED_MAX, PlanContext
 from webhook.core.policy import Policy
 from webhook.core.review import admit, fail_open
 
@@ -144,3 +144,99 @@ def test_ephemeral_update_leaves_existing_ephemeral_containers_alone() -> None:
     ops = json.loads(base64.b64decode(outcome.review["response"]["patch"]))
     assert [o["path"] for o in ops] == ["/spec/ephemeralContainers/1/image"]
     assert [d.container for d in outcome.plan.decisions] == ["dbg2"]
+
+
+# --------------------------------------------------------------- the answer memo
+# Pods of one shape share a PodPlan (plan_pod, static oracle) and the answer
+# memoised on it (review._derive).  What varies between pods of one shape must
+# still change the answer: everything the patch reads of the annotations.
+
+GOOD = "491585149902.dkr.ecr.ap-southeast-4.amazonaws.com/amazon-k8s-cni:v1.19.4"
+ORIGINALS = "ecr-webhook.io/original-images"
+# A value that, with the originals annotation, crosses 256 KiB; one that does not.
+NEAR_LIMIT = "x" * (256 * 1024 - 200)
+
+
+def _metadata(variant: str) -> dict[str, Any] | None:
+    meta: dict[str, Any] = {"generateName": "aws-node-"}
+    if variant == "no-metadata":
+        return None
+    if variant == "no-annotations":
+        return meta
+    if variant == "empty-annotations":
+        meta["annotations"] = {}
+        return meta
+    notes: dict[str, Any] = {"a": "b"}
+    if variant == "originals":
+        notes[ORIGINALS] = json.dumps({"c0": "earlier.example/cni:v1"})
+    elif variant == "originals-not-json":
+        notes[ORIGINALS] = "not json"
+    elif variant == "originals-not-a-string":
+        notes[ORIGINALS] = 7
+    elif variant == "originals-empty":
+        notes[ORIGINALS] = ""
+    elif variant == "near-limit":
+        notes["big"] = NEAR_LIMIT
+    elif variant == "under-limit":
+        notes["big"] = NEAR_LIMIT[:-1000]
+    elif variant == "skip-c0":
+        notes["ecr-webhook.io/skip-containers"] = "c0"
+    meta["annotations"] = notes
+    return meta
+
+
+VARIANTS = [
+    "no-metadata", "no-annotations", "empty-annotations", "plain", "originals",
+    "originals-not-json", "originals-not-a-string", "originals-empty", "near-limit",
+    "under-limit", "skip-c0",
+]  # fmt: skip
+
+
+def _review(variant: str, images: tuple[str, ...], uid: str) -> dict[str, Any]:
+    body = review(images=images)
+    body["request"]["uid"] = uid
+    pod = body["request"]["object"]
+    meta = _metadata(variant)
+    if meta is None:
+        del pod["metadata"]
+    else:
+        pod["metadata"] = meta
+    return body
+
+
+@pytest.mark.parametrize("images", [(BAD,), (BAD, GOOD), (GOOD,), (BAD, LONG, BAD)])
+def test_a_shared_context_answers_as_a_fresh_one(images: tuple[str, ...]) -> None:
+    shared = PlanContext.build(Policy(), "ap-southeast-4")
+    # Each variant twice, in an order that puts every variant after every other:
+    # a memo keyed on too little would answer one with another's patch.
+    order = VARIANTS + VARIANTS[::-1] + VARIANTS
+    for n, variant in enumerate(order):
+        uid = f"uid-{n}"
+        fresh = admit(_review(variant, images, uid), PlanContext.build(Policy(), "ap-southeast-4"))
+        got = admit(_review(variant, images, uid), shared)
+        assert got.review == fresh.review, variant
+        assert (got.decision, got.patch, got.warnings) == (fresh.decision, fresh.patch,
+                                                           fresh.warnings), variant  # fmt: skip
+        assert got.plan == fresh.plan, variant
+        assert got.review["response"]["uid"] == uid
+
+
+def test_pods_of_one_shape_share_a_plan_and_its_answer() -> None:
+    ctx = PlanContext.build(Policy(), "ap-southeast-4")
+    first = admit(_review("plain", (BAD, LONG), "uid-1"), ctx)
+    second = admit(_review("plain", (BAD, LONG), "uid-2"), ctx)
+    assert second.plan is first.plan
+    assert second.patch is first.patch  # from the memo, not rebuilt
+    assert first.review["response"]["uid"] == "uid-1"
+    assert second.review["response"]["uid"] == "uid-2"
+    other = admit(_review("plain", (LONG, BAD), "uid-3"), ctx)
+    assert other.plan is not first.plan
+
+
+def test_the_answer_memo_of_a_plan_is_bounded() -> None:
+    ctx = PlanContext.build(Policy(), "ap-southeast-4")
+    for n in range(50):  # 50 annotation states of one shape
+        body = _review("plain", (BAD,), f"uid-{n}")
+        body["request"]["object"]["metadata"]["annotations"]["a"] = "b" * n
+        outcome = admit(body, ctx)
+    assert 0 < len(outcome.plan.derived) <= DERIVED_MAX

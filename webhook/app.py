@@ -312,13 +312,14 @@ def create_app(
 
     def record(ans: Answer, received: float, seconds: float) -> None:
         outcome = ans.outcome
-        metrics.observe(ans.status, outcome.decision if outcome else "rejected", seconds)
         if outcome is None:
+            metrics.observe(ans.status, "rejected", seconds)
             log.info("request rejected", v=1, code=ans.status,
                      reason=ans.document.get("message", ""))  # fmt: skip
             return
         uid = outcome.request.get("uid")
-        metrics.rewritten((str(d.reason), d.target) for d in outcome.plan.rewrites if d.target)
+        metrics.answered(ans.status, outcome.decision, seconds,
+                         [(d.reason, d.target) for d in outcome.plan.rewrites if d.target])
         if outcome.decision == "error":
             metrics.errors.labels("admit").inc()
             err = outcome.exception or outcome.error

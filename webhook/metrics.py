@@ -235,28 +235,29 @@ class Metrics:
             self._in_flight -= 1
 
     def observe(self, code: int, result: str, seconds: float) -> None:
+        """One answer without rewrites (``answered``)."""
+        self.answered(code, result, seconds)
+
+    def answered(self, code: int, result: str, seconds: float,
+                 rewrites: Iterable[tuple[str, str]] = ()) -> None:  # fmt: skip
+        """One answer: the requests counter, the duration histogram, and the
+        rewrites it made, as (reason, target image) pairs (the rewrites counter,
+        by target registry).  Gathered under one lock (``flush_seconds``)."""
+        keys = [(reason, registry_of(target)) for reason, target in rewrites]
         if self.flush_seconds:
             with self._pending_lock:
                 self._pending.add(code, result, seconds)
+                counts = self._pending.rewrites
+                for key in keys:
+                    counts[key] = counts.get(key, 0) + 1
             self._ensure_flusher()
             return
         self._request_child(code, result).inc()
         self.duration.observe(seconds)
-
-    def rewritten(self, rewrites: Iterable[tuple[str, str]]) -> None:
-        """Count rewrites given as (reason, target image) pairs."""
-        counts: dict[tuple[str, str], int] = {}
-        for reason, target in rewrites:
-            key = (reason, registry_of(target))
-            counts[key] = counts.get(key, 0) + 1
-        if self.flush_seconds:
-            if counts:
-                with self._pending_lock:
-                    for key, n in counts.items():
-                        self._pending.rewrites[key] = self._pending.rewrites.get(key, 0) + n
-                self._ensure_flusher()
-            return
-        self._count_rewrites(counts)
+        counted: dict[tuple[str, str], int] = {}
+        for key in keys:
+            counted[key] = counted.get(key, 0) + 1
+        self._count_rewrites(counted)
 
     def flush(self) -> None:
         """Write what has been gathered to the metric values (``flush_seconds`` mode)."""

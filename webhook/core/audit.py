@@ -15,6 +15,7 @@ from functools import lru_cache
 from typing import Any
 
 from webhook.core import jsonc
+from webhook.core.plan import PodPlan
 from webhook.core.review import Outcome
 
 KIND = "EcrWebhookAudit"
@@ -56,6 +57,35 @@ def _text(value: object) -> str:
     return value if isinstance(value, str) else ""
 
 
+_CONTAINERS = "audit.containers"  # this module's key in PodPlan.derived
+
+
+def _containers(plan: PodPlan) -> list[dict[str, Any]]:
+    """The record's ``containers`` entries, one per decision, memoised on the plan.
+
+    The pods of one shape share a plan (plan_pod), so their records share these
+    entries: a record is encoded and dropped, never changed after it is built.
+    """
+    entries = plan.derived.get(_CONTAINERS)
+    if entries is None:
+        entries = tuple(
+            {
+                "container": d.container,
+                "path": d.path,
+                "from": d.image,
+                "to": d.target,
+                "action": str(d.action),
+                "reason": str(d.reason),
+                "rule": d.rule,
+                # probe evidence (issue 8): [{candidate, outcome, latencyMs, cached}]
+                "probes": [p.as_json() for p in d.probes],
+            }
+            for d in plan.decisions
+        )
+        plan.remember_derived(_CONTAINERS, entries)
+    return list(entries)
+
+
 def build_record(outcome: Outcome, received: float, answered: float) -> dict[str, Any]:
     """The audit record of one admission.  ``received``/``answered`` are epoch seconds.
 
@@ -68,20 +98,7 @@ def build_record(outcome: Outcome, received: float, answered: float) -> dict[str
     user = _mapping(req.get("userInfo"))
     resource = _mapping(req.get("resource"))
     groups = user.get("groups")
-    containers = [
-        {
-            "container": d.container,
-            "path": d.path,
-            "from": d.image,
-            "to": d.target,
-            "action": str(d.action),
-            "reason": str(d.reason),
-            "rule": d.rule,
-            # probe evidence (issue 8): [{candidate, outcome, latencyMs, cached}]
-            "probes": [p.as_json() for p in d.probes],
-        }
-        for d in outcome.plan.decisions
-    ]
+    containers = _containers(outcome.plan)
     return {
         "kind": KIND,
         "schemaVersion": SCHEMA_VERSION,

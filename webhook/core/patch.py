@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any, Literal, NotRequired, TypedDict
+from typing import Any, Literal, NamedTuple, NotRequired, TypedDict
 
 from webhook.core import jsonc
 from webhook.core.plan import PodPlan
@@ -58,12 +58,50 @@ def build_patch(
     return build_patch_checked(obj, plan, spec_pointer, meta_pointer, annotation)[0]
 
 
+class AnnotationState(NamedTuple):
+    """All that ``build_patch_checked`` reads of an object besides the plan.
+
+    Hashable, so the envelope can memoise the patch of a plan under it
+    (review._derive): two objects in the same state get the same patch.
+    """
+
+    annotation: str | None  # the originals annotation's key; None: image operations only
+    has_meta: bool  # the metadata is an object
+    has_annotations: bool  # ... with an annotations object
+    present: bool  # ... that has the key
+    value: str | None  # ... with this str value (None: absent, or not a str)
+    others: int  # annotations_size() of the other annotations
+
+
+_IMAGES_ONLY = AnnotationState(None, False, False, False, None, 0)
+
+
+def annotation_state(
+    obj: Mapping[str, Any], annotation: str | None = ORIGINALS_ANNOTATION,
+    meta_pointer: str = "/metadata",
+) -> AnnotationState:  # fmt: skip
+    """The state of ``obj``'s annotations as far as the patch depends on it."""
+    if annotation is None:
+        return _IMAGES_ONLY
+    meta = _resolve(obj, meta_pointer)
+    if not isinstance(meta, jsonc.OBJECT):
+        return AnnotationState(annotation, False, False, False, None, 0)
+    annotations = meta.get("annotations")
+    if not isinstance(annotations, jsonc.OBJECT):
+        return AnnotationState(annotation, True, False, False, None, 0)
+    value = annotations.get(annotation)
+    others = annotations_size({k: v for k, v in annotations.items() if k != annotation})
+    return AnnotationState(annotation, True, True, annotation in annotations,
+                           value if isinstance(value, str) else None, others)  # fmt: skip
+
+
 def build_patch_checked(
     obj: Mapping[str, Any],
     plan: PodPlan,
     spec_pointer: str = "/spec",
     meta_pointer: str = "/metadata",
     annotation: str | None = ORIGINALS_ANNOTATION,
+    state: AnnotationState | None = None,
 ) -> tuple[list[PatchOp], str | None]:
     """The patch that applies ``plan`` to ``obj`` (``[]`` when nothing changes), and a
     warning when the originals annotation had to be left out.
@@ -73,7 +111,8 @@ def build_patch_checked(
     ``/spec/template/metadata`` for a Deployment).  An existing originals
     annotation is merged, keeping the earliest original of each container, so a
     reinvocation never loses history.  ``annotation=None`` emits the image
-    operations only.
+    operations only.  ``state``, when given, is ``annotation_state(obj,
+    annotation, meta_pointer)`` already computed: of ``obj`` only that is read.
 
     The annotation is left out, with ``ANNOTATION_OMITTED`` as the warning,
     when it would take the object's annotations over Kubernetes' 256 KiB total
@@ -90,36 +129,31 @@ def build_patch_checked(
     ]
     if annotation is None:
         return ops, None
-    meta = _resolve(obj, meta_pointer)
+    if state is None:
+        state = annotation_state(obj, annotation, meta_pointer)
     originals: dict[str, str] = {}
-    annotations = meta.get("annotations") if isinstance(meta, jsonc.OBJECT) else None
-    if isinstance(annotations, jsonc.OBJECT):
+    if state.has_annotations:
         try:
-            previous = json.loads(annotations.get(annotation) or "{}")
-        except (TypeError, ValueError):
+            previous = json.loads(state.value or "{}")
+        except (ValueError, RecursionError):  # not JSON, or nested past the parser
             previous = {}
         if isinstance(previous, dict):
             originals.update({str(k): str(v) for k, v in previous.items()})
     for d in rewrites:
         originals.setdefault(d.container, d.image)
     value = jsonc.dumps_sorted(originals)
-    others = (
-        annotations_size({k: v for k, v in annotations.items() if k != annotation})
-        if isinstance(annotations, jsonc.OBJECT)
-        else 0
-    )
-    if others + len(annotation.encode()) + len(value.encode()) > TOTAL_ANNOTATION_SIZE_LIMIT:
+    if state.others + len(annotation.encode()) + len(value.encode()) > TOTAL_ANNOTATION_SIZE_LIMIT:
         return ops, ANNOTATION_OMITTED
-    if not isinstance(meta, jsonc.OBJECT):
+    if not state.has_meta:
         ops.append(
             {"op": "add", "path": meta_pointer, "value": {"annotations": {annotation: value}}}
         )
-    elif not isinstance(annotations, jsonc.OBJECT):
+    elif not state.has_annotations:
         ops.append(
             {"op": "add", "path": f"{meta_pointer}/annotations", "value": {annotation: value}}
         )
     else:
-        op: Literal["add", "replace"] = "replace" if annotation in annotations else "add"
+        op: Literal["add", "replace"] = "replace" if state.present else "add"
         ops.append(
             {"op": op, "path": f"{meta_pointer}/annotations/{escape(annotation)}", "value": value}
         )

@@ -50,6 +50,8 @@ CONTAINER_KINDS: tuple[str, ...] = ("initContainers", "containers", "ephemeralCo
 
 # Bound of each memo below: a long-running server cannot grow them without limit.
 MEMO_MAX = 4096
+# Entries of one PodPlan's ``derived`` memo: a few annotation states, the audit entries.
+DERIVED_MAX = 8
 
 
 def _remember(memo: dict[Any, Any], key: object, value: object) -> None:
@@ -195,6 +197,10 @@ class PlanContext:
     # DaemonSet) costs a lookup per container, not a construction.
     decisions: dict[tuple[str, str, str], Decision] = field(
         default_factory=dict, compare=False, repr=False)  # fmt: skip
+    # Static oracle: (skip set, ((container, path, image), ...)) -> the whole
+    # PodPlan of a pod of that shape (plan_pod).
+    plans: dict[tuple[frozenset[str], tuple[tuple[str, str, Any], ...]], PodPlan] = field(
+        default_factory=dict, compare=False, repr=False)  # fmt: skip
 
     @classmethod
     def build(
@@ -217,7 +223,8 @@ class PlanContext:
         base = self.oracle.base if isinstance(self.oracle, EvidenceOracle) else self.oracle
         oracle = EvidenceOracle(base, evidence, self.policy, self.cluster.region, self.facts)
         return PlanContext(self.policy, self.cluster, oracle, self.facts, self.memo,
-                           self.facts_memo, self.evidence_memo, self.decisions)  # fmt: skip
+                           self.facts_memo, self.evidence_memo, self.decisions,
+                           self.plans)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,6 +293,19 @@ def _short_message(action: Action, container: str, target: str | None, detail: s
 class PodPlan:
     decisions: tuple[Decision, ...] = ()
     skipped: str | None = None
+    # What is derived from this plan, memoised by whoever derives it (the
+    # envelope: the patch, its base64 and the warnings, per annotation state;
+    # the audit record: its container entries).  A static oracle hands every
+    # pod of one shape the same PodPlan, so this memo is what makes a
+    # DaemonSet's hundredth pod cost a few lookups.  Not part of the value;
+    # use ``remember_derived`` to add to it (bounded).
+    derived: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def remember_derived(self, key: object, value: object) -> None:
+        """``derived[key] = value``, emptying ``derived`` first when it holds DERIVED_MAX."""
+        if len(self.derived) >= DERIVED_MAX:
+            self.derived.clear()
+        self.derived[key] = value
 
     # Computed once: the admission path reads them three times (patch,
     # warnings, metrics).  cached_property writes the instance __dict__
@@ -319,7 +339,7 @@ def plan_pod(
     skip = _skip_set(meta.get("annotations"), policy.skip_annotation)
     if not isinstance(spec, jsonc.OBJECT):
         return PodPlan()
-    decisions: list[Decision] = []
+    shape: list[tuple[str, str, Any]] = []  # (container name, path, image)
     for kind in kinds:
         containers = spec.get(kind)
         if not isinstance(containers, list):
@@ -327,9 +347,23 @@ def plan_pod(
         for i, c in enumerate(containers):
             if not isinstance(c, jsonc.OBJECT):
                 continue
-            name = str(c.get("name", f"{kind}[{i}]"))
-            decisions.append(_decide(name, f"{kind}/{i}/image", c.get("image"), skip, ctx))
-    return PodPlan(decisions=tuple(decisions))
+            shape.append((str(c.get("name", f"{kind}[{i}]")), f"{kind}/{i}/image", c.get("image")))
+    oracle = ctx.oracle
+    if isinstance(oracle, EvidenceOracle) or not getattr(oracle, "static", False):
+        return PodPlan(decisions=tuple(_decide(n, p, image, skip, ctx) for n, p, image in shape))
+    # A static oracle: the whole plan is a function of the pod's shape, so every
+    # pod of a DaemonSet or a Deployment gets the same PodPlan object, and with
+    # it the answer memoised on it (PodPlan.derived).  Only str images are
+    # keyed: anything else in ``image`` may be unhashable.
+    key = (skip, tuple(shape))
+    try:
+        planned = ctx.plans.get(key)
+    except TypeError:  # an unhashable image: plan it, unmemoised
+        return PodPlan(decisions=tuple(_decide(n, p, image, skip, ctx) for n, p, image in shape))
+    if planned is None:
+        planned = PodPlan(decisions=tuple(_decide(n, p, image, skip, ctx) for n, p, image in shape))
+        _remember(ctx.plans, key, planned)
+    return planned
 
 
 def _opted_out(meta: Mapping[str, Any], label: str) -> bool:

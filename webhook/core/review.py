@@ -24,13 +24,14 @@ when the webhook does not answer).
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, NotRequired, TypedDict, cast
 
 from webhook.core import jsonc
 from webhook.core.errors import ReviewError
 from webhook.core.imageref import ImageRef
-from webhook.core.patch import PatchOp, build_patch_checked
+from webhook.core.patch import PatchOp, annotation_state, build_patch_checked
 from webhook.core.plan import CONTAINER_KINDS, PlanContext, PodPlan, plan_pod
 from webhook.core.plan import probe_requests as _pod_probe_requests
 from webhook.core.policy import ORIGINALS_ANNOTATION
@@ -212,17 +213,53 @@ def admit(body: object, ctx: PlanContext) -> Outcome:
     # strategy drops every other change, annotations included, without an error;
     # seen against kube-apiserver v1.37 in tests/e2e/test_webhook.py).  So only the
     # image operations are sent there, and the audit record keeps the originals.
-    ops, omitted = build_patch_checked(
-        pod, plan, annotation=None if ephemeral else ORIGINALS_ANNOTATION
-    )
+    derived = _derive(pod, plan, None if ephemeral else ORIGINALS_ANNOTATION)
+    resp: AdmissionResponse = {"uid": uid, "allowed": True}
+    if derived.encoded:
+        resp["patchType"] = "JSONPatch"
+        resp["patch"] = derived.encoded
+    if derived.shown:
+        resp["warnings"] = list(derived.shown)
+    answer: AdmissionReviewOut = {"apiVersion": api_version, "kind": "AdmissionReview",
+                                  "response": resp}  # fmt: skip
+    decision: Decision = "patched" if derived.patch else "unchanged"
+    return Outcome(answer, decision, request, plan, derived.patch, derived.warnings)
+
+
+@dataclass(frozen=True, slots=True)
+class _Derived:
+    """What an admission's answer derives from its plan and the pod's annotations."""
+
+    patch: tuple[PatchOp, ...]
+    warnings: tuple[str, ...]
+    encoded: str  # base64 of the patch's JSON; "" without a patch
+    shown: tuple[str, ...]  # the warnings as response.warnings carries them
+
+
+def _derive(pod: Mapping[str, Any], plan: PodPlan, annotation: str | None) -> _Derived:
+    """The patch, the warnings and their encodings, memoised on ``plan``.
+
+    The patch depends on the plan and, through the originals annotation, on
+    the pod's annotations (``patch.annotation_state``, which is all the patch
+    builder reads of them); the warnings on the plan and on whether the
+    annotation had to be left out.  So the result is memoised in
+    ``plan.derived`` under the annotation state: the pods of one DaemonSet
+    share a plan (plan_pod), and all but the first get their answer from here.
+    Measured with bench/admit.py: ``review.admit`` 13.1 -> 5.4 us.
+    """
+    state = annotation_state(pod, annotation)
+    hit = plan.derived.get(state)
+    if hit is not None:
+        return cast(_Derived, hit)
+    ops, omitted = build_patch_checked(pod, plan, annotation=annotation, state=state)
     patch = tuple(ops)
     warnings = tuple(d.short_message(MAX_WARNING) for d in plan.rewrites + plan.warnings)
     if omitted is not None:
         warnings += (omitted,)
-    decision: Decision = "patched" if patch else "unchanged"
-    return Outcome(
-        response(api_version, uid, patch, warnings), decision, request, plan, patch, warnings
-    )
+    encoded = base64.b64encode(jsonc.dumps(list(patch))).decode("ascii") if patch else ""
+    derived = _Derived(patch, warnings, encoded, tuple(truncate(w) for w in warnings))
+    plan.remember_derived(state, derived)
+    return derived
 
 
 def probe_requests(body: object, ctx: PlanContext) -> tuple[ImageRef, ...]:
