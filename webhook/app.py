@@ -37,6 +37,8 @@ from typing import Any
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.http import parse_options_header
+from werkzeug.wsgi import get_content_length
 
 from webhook.auditlog import AuditLog, AuditSink
 from webhook.config import MAX_BODY, ServeConfig
@@ -81,19 +83,25 @@ class Answer:
     outcome: review.Outcome | None = None
 
 
-def decode(read_timeout: float = 5.0) -> object:
-    """The JSON body of the current request.  Raises BodyProblem.
+def decode(environ: dict[str, Any], read_timeout: float = 5.0) -> object:
+    """The JSON body of the request ``environ`` (WSGI) carries.  Raises BodyProblem.
 
     A body over ``MAX_BODY`` gets 413 whether its length is declared
     (``Content-Length``) or only found while reading (chunked); the excess is
     read and discarded for at most ``read_timeout`` seconds first, so a client
     still sending sees the answer rather than a reset.
+
+    Reads the environ itself, with werkzeug's parsers, rather than through
+    ``flask.request``: each attribute of that proxy is a context lookup, and
+    this runs on every admission.
     """
-    if request.mimetype != JSON:
-        shown = request.content_type or "(none)"
-        raise BodyProblem(415, f"Content-Type must be {JSON}, got {shown}")
-    stream = request.environ["wsgi.input"]
-    length = request.content_length
+    content_type = environ.get("CONTENT_TYPE", "")
+    # The kube-apiserver sends exactly "application/json" (k8s.io/apiserver
+    # pkg/util/webhook: the rest client's ContentType); anything else is parsed.
+    if content_type != JSON and parse_options_header(content_type)[0].lower() != JSON:
+        raise BodyProblem(415, f"Content-Type must be {JSON}, got {content_type or '(none)'}")
+    stream = environ["wsgi.input"]
+    length = get_content_length(environ)
     deadline = time.monotonic() + read_timeout
     if length is not None and length > MAX_BODY:
         if length <= DRAIN_LIMIT:
@@ -305,7 +313,7 @@ def create_app(
     def answer() -> Answer:
         body: object = None
         try:
-            body = decode(config.read_timeout)
+            body = decode(request.environ, config.read_timeout)
             return Answer(200, {}, admit(body, policy.context()))
         except Exception as exc:  # mapped in one place, never re-raised
             return _map_exception(body, exc)

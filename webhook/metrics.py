@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import atexit
 import bisect
+import collections
 import contextlib
 import errno
 import os
@@ -204,7 +205,7 @@ class Metrics:
         self.flush_seconds = flush_seconds
         self._pending = _Pending()
         self._pending_lock = threading.Lock()
-        self._in_flight = 0
+        self._active: collections.deque[None] = collections.deque()  # begin() .. end()
         self._flusher: threading.Thread | None = None
 
     # Per-request metrics.  With ``flush_seconds`` (``serve``: FLUSH_SECONDS) they
@@ -223,16 +224,17 @@ class Metrics:
         if not self.flush_seconds:
             self.in_flight.inc()
             return
-        with self._pending_lock:
-            self._in_flight += 1
-        self._ensure_flusher()
+        # One entry per request in progress, without a lock: deque appends and
+        # pops are thread-safe (Python docs, collections.deque).
+        self._active.append(None)
+        if self._flusher is None:
+            self._ensure_flusher()
 
     def end(self) -> None:
         if not self.flush_seconds:
             self.in_flight.dec()
             return
-        with self._pending_lock:
-            self._in_flight -= 1
+        self._active.pop()
 
     def observe(self, code: int, result: str, seconds: float) -> None:
         """One answer without rewrites (``answered``)."""
@@ -250,7 +252,8 @@ class Metrics:
                 counts = self._pending.rewrites
                 for key in keys:
                     counts[key] = counts.get(key, 0) + 1
-            self._ensure_flusher()
+            if self._flusher is None:
+                self._ensure_flusher()
             return
         self._request_child(code, result).inc()
         self.duration.observe(seconds)
@@ -263,7 +266,7 @@ class Metrics:
         """Write what has been gathered to the metric values (``flush_seconds`` mode)."""
         with self._pending_lock:
             pending, self._pending = self._pending, _Pending()
-            in_flight = self._in_flight
+        in_flight = len(self._active)
         for (code, result), n in pending.requests.items():
             self._request_child(code, result).inc(n)
         self._count_rewrites(pending.rewrites)
