@@ -56,8 +56,14 @@ VARIANTS = ("floor", "webhook", "no-audit", "no-metrics", "neither")
 class _DropAudit:
     """An audit sink that writes nothing."""
 
-    def write(self, record: object) -> None:
+    def write(self, record: object, *, defer: bool = False) -> None:
         return None
+
+    def flush(self) -> None:
+        return None
+
+    def pending(self) -> bool:
+        return False
 
 
 def _null_metrics() -> Any:

@@ -381,8 +381,14 @@ def test_audit_write_failure_still_answers_and_is_counted(tmp_path: Path, tls_di
     """A sink that raises stands in for a full disk, which cannot be produced here."""
 
     class BrokenSink:
-        def write(self, record: object) -> None:
+        def write(self, record: object, *, defer: bool = False) -> None:
             raise OSError(28, "No space left on device")
+
+        def flush(self) -> None:
+            return None
+
+        def pending(self) -> bool:
+            return False
 
     policy = ConfigMapDir(tmp_path / "policy")
     policy.update("kind: RewritePolicy\n")

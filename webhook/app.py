@@ -28,10 +28,12 @@ where the kubelet probes them with ``scheme: HTTPS``.
 
 from __future__ import annotations
 
+import atexit
+import collections
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +65,8 @@ from webhook.reload import (
 DRAIN_LIMIT = 2 * MAX_BODY
 JSON = "application/json"
 AUDIT_REPORT_INTERVAL = 10.0  # seconds between two "audit record not written" lines
+# At most this long between two writes of deferred audit records (AuditLog.write).
+DEFERRED_FLUSH_SECONDS = 0.05
 
 Admit = Callable[[object, PlanContext], review.Outcome]
 
@@ -305,10 +309,6 @@ def create_app(
         metrics.observe(code, "rejected", 0.0)
         log.info("request rejected", v=1, code=code, reason=message)
 
-    app.extensions["ecr_webhook"] = {
-        "metrics": metrics, "audit": audit, "policy": policy, "certificate": certificate,
-        "refused": refused,
-    }  # fmt: skip
 
     def answer() -> Answer:
         body: object = None
@@ -332,9 +332,20 @@ def create_app(
             metrics.errors.labels("admit").inc()
             err = outcome.exception or outcome.error
             log.error("internal error, pod admitted unchanged", err=err, uid=uid)
+        # Another admission of this worker in progress: it (or the last one to
+        # finish) writes this record with its own (AuditLog.write, "defer").
+        audit_write(uid, lambda: audit.write(build_record(outcome, received, clock()),
+                                             defer=len(backlog[0]) > 1))  # fmt: skip
+        if log.enabled(2):
+            log.info("admission", v=2, uid=uid, decision=outcome.decision,
+                     operation=outcome.request.get("operation"),
+                     namespace=outcome.request.get("namespace"))  # fmt: skip
+
+    def audit_write(uid: object, write: Callable[[], None]) -> None:
+        """``write`` (to the audit sink); a lost record is counted and logged, rate-limited."""
         try:
-            audit.write(build_record(outcome, received, clock()))
-        except Exception as exc:  # a lost record is counted and logged, rate-limited
+            write()
+        except Exception as exc:
             lost = getattr(exc, "lost", 1)  # AuditLost: records of other threads too
             metrics.errors.labels("audit").inc(lost)
             metrics.audit_write_errors.labels(errno_label(exc)).inc(lost)
@@ -346,16 +357,48 @@ def create_app(
             if audit_throttle.pending:
                 log.info("audit records written again", lost=audit_throttle.settle(),
                          target=config.audit_log)  # fmt: skip
-        if log.enabled(2):
-            log.info("admission", v=2, uid=uid, decision=outcome.decision,
-                     operation=outcome.request.get("operation"),
-                     namespace=outcome.request.get("namespace"))  # fmt: skip
+
+    # The admissions this worker is answering (one entry each; deque appends
+    # and pops are thread-safe): whether an audit record may wait for another.
+    # Under ``serve`` the worker's own count replaces it (server.WebhookWorker
+    # .backlog, through the "backlog" hook): requests handed to its threads and
+    # not yet answered, so also those still waiting for a thread or the GIL,
+    # which a count kept here would not see.
+    in_progress: collections.deque[None] = collections.deque()
+    backlog: list[Sized] = [in_progress]
+    deferred_flusher: list[threading.Thread] = []
+    flusher_lock = threading.Lock()
+
+    def flush_deferred() -> None:
+        # An admission that takes long (probing: up to its budget) must not
+        # hold back the records deferred while it runs: they are written
+        # within DEFERRED_FLUSH_SECONDS whatever the admissions in progress do.
+        while True:
+            time.sleep(DEFERRED_FLUSH_SECONDS)
+            if audit.pending():
+                audit_write(None, audit.flush)
+
+    def start_deferred_flusher() -> None:
+        # Started by the first deferral, so in the worker (after gunicorn forked);
+        # what is still queued is written at exit (a graceful stop loses none).
+        with flusher_lock:
+            if not deferred_flusher:
+                thread = threading.Thread(target=flush_deferred, name="audit-flush", daemon=True)
+                thread.start()
+                deferred_flusher.append(thread)
+                atexit.register(audit_write, None, audit.flush)
+
+    app.extensions["ecr_webhook"] = {
+        "metrics": metrics, "audit": audit, "policy": policy, "certificate": certificate,
+        "refused": refused, "backlog": lambda count: backlog.__setitem__(0, count),
+    }  # fmt: skip
 
     @app.post("/mutate")
     def mutate() -> Response:
         received = clock()
         started = time.perf_counter()
         metrics.begin()
+        in_progress.append(None)
         try:
             ans = answer()
             document = ans.outcome.review if ans.outcome is not None else ans.document
@@ -367,6 +410,14 @@ def create_app(
                 log.error("recording the admission failed", err=exc)
         finally:
             metrics.end()
+            if audit.pending():
+                if len(backlog[0]) <= 1:
+                    # The last admission in progress (this one) writes the
+                    # records deferred while others were (write(..., defer=True)).
+                    audit_write(None, audit.flush)
+                elif not deferred_flusher:
+                    start_deferred_flusher()
+            in_progress.pop()
         return Response(payload, status=ans.status, mimetype=JSON)
 
     @app.get("/healthz")

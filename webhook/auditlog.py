@@ -70,6 +70,10 @@ from webhook.core import jsonc
 
 STDOUT = "-"
 RECHECK_SECONDS = 0.05  # how stale a writer's view of a rotated file may be
+# A deferred record (AuditLog.write) waits for at most this many records, or
+# this long, before a write takes the queue.
+DEFER_RECORDS = 32
+DEFER_SECONDS = 0.01
 PIPE_BUF = getattr(select, "PIPE_BUF", 4096)
 
 
@@ -83,6 +87,21 @@ def _take_all(queue: deque[bytes]) -> list[bytes]:
         return taken
 
 
+def _pieces(records: list[bytes], limit: int) -> Iterator[bytes]:
+    """``records`` joined into pieces of at most ``limit`` bytes each, a record
+    never split; a record longer than ``limit`` is a piece of its own."""
+    piece: list[bytes] = []
+    size = 0
+    for record in records:
+        if piece and size + len(record) > limit:
+            yield b"".join(piece)
+            piece, size = [], 0
+        piece.append(record)
+        size += len(record)
+    if piece:
+        yield b"".join(piece)
+
+
 class AuditLost(OSError):
     """Records that could not be written: ``lost`` of them, for the errno of ``cause``."""
 
@@ -93,7 +112,9 @@ class AuditLost(OSError):
 
 
 class AuditSink(Protocol):
-    def write(self, record: Mapping[str, Any]) -> None: ...
+    def write(self, record: Mapping[str, Any], *, defer: bool = False) -> None: ...
+    def flush(self) -> None: ...
+    def pending(self) -> bool: ...
 
 
 def encode(record: Mapping[str, Any]) -> bytes:
@@ -161,6 +182,7 @@ class AuditLog:
         # thread could load the old list, be switched out, and append to it after
         # the writer had taken it.)
         self._queue: deque[bytes] = deque()
+        self._queued_at = 0.0  # monotonic time when the queue last went from empty
         self._combining = threading.Lock()
         # The file's descriptor, used only by the thread holding _combining, so
         # one replaced after a rotation can be closed at once.
@@ -180,34 +202,56 @@ class AuditLog:
     def rotates(self) -> bool:
         return self.target != STDOUT and self.max_bytes > 0 and self.backups > 0
 
-    def write(self, record: Mapping[str, Any]) -> None:
-        """Write one record, with those other threads queued meanwhile.
+    def write(self, record: Mapping[str, Any], *, defer: bool = False) -> None:
+        """Write one record, with those of other threads queued meanwhile.
 
         Raises ``AuditLost`` (an OSError that says how many records it lost)
         when they cannot be written.
 
-        Threads combine their writes: a record is queued, and the thread that
-        finds no write under way writes the whole queue in one ``write(2)``,
-        again until the queue is empty; a thread that finds a write under way
-        leaves its record to that writer and returns at once.  Unloaded, every
-        record is written by its own thread before ``write`` returns.  Under
-        load, one system call carries the records of several admissions, and
-        threads no longer take turns at the GIL around a system call each
-        (bench/auditwrite.py, four threads writing at once: 55-69 us of CPU per
-        record with a write each, 10-11 us combined).  A record may then be written
-        a few microseconds after its admission is answered, by another thread:
-        a worker killed with SIGKILL in that window loses those records (a
-        graceful stop loses none).
+        ``defer``: the caller knows that a ``write`` or a ``flush`` of this
+        sink follows soon (``serve``: another admission of this worker is in
+        progress, and the last one to finish flushes).  The record may then
+        wait in the queue, for at most ``DEFER_RECORDS`` records or
+        ``DEFER_SECONDS``, and be written with later ones in one system call.
+        A record of an admission answered while no other is in progress is
+        written before ``write`` returns.  See ``flush`` for how threads
+        combine their writes.
         """
+        if not self._queue:
+            self._queued_at = time.monotonic()
         self._queue.append(encode(record))
+        if (defer and len(self._queue) < DEFER_RECORDS
+                and time.monotonic() - self._queued_at < DEFER_SECONDS):  # fmt: skip
+            return
+        self.flush()
+
+    def pending(self) -> bool:
+        """Whether records wait in the queue (deferred, or queued by a thread just now)."""
+        return bool(self._queue)
+
+    def flush(self) -> None:
+        """Write the queued records; raises ``AuditLost`` like ``write``.
+
+        Threads combine their writes: the thread that finds no write under way
+        writes the whole queue in one ``write(2)`` (stdout: in pieces of at
+        most ``PIPE_BUF``), again until the queue is empty; a thread that finds
+        a write under way leaves its records to that writer and returns at
+        once.  Under load, one system call carries the records of several
+        admissions, and threads no longer take turns at the GIL around a system
+        call each (bench/auditwrite.py, four threads writing at once: 55-69 us
+        of CPU per record with a write each, 10-11 us combined).  A record may
+        then be written a little after its admission is answered, by another
+        thread: a worker killed with SIGKILL in that window loses those records
+        (a graceful stop loses none: the last admission flushes).
+        """
         while self._queue:
             if not self._combining.acquire(blocking=False):
-                return  # the thread writing now takes this record with its own
+                return  # the thread writing now takes these records with its own
             try:
                 while self._queue:
                     batch = _take_all(self._queue)
                     try:
-                        self._write_batch(b"".join(batch))
+                        self._write_batch(batch)
                     except OSError as exc:
                         raise AuditLost(len(batch), exc) from exc
             finally:
@@ -215,15 +259,20 @@ class AuditLog:
             # A record queued after the last batch was taken, by a thread that
             # found this one writing, is written on the next turn of the loop.
 
-    def _write_batch(self, data: bytes) -> None:
+    def _write_batch(self, records: list[bytes]) -> None:
         """Whole records, in one write where the target allows."""
         if self.target == STDOUT:
-            if len(data) <= PIPE_BUF:
-                _write_all(1, data)  # one atomic write: no lock needed
-            else:
-                with self._locked():
-                    _write_all(1, data)
+            # A pipe write of at most PIPE_BUF bytes is atomic: records are
+            # sent in pieces that fit, each without a lock; only a record
+            # longer than PIPE_BUF on its own needs the lock.
+            for piece in _pieces(records, PIPE_BUF):
+                if len(piece) <= PIPE_BUF:
+                    _write_all(1, piece)
+                else:
+                    with self._locked():
+                        _write_all(1, piece)
             return
+        data = b"".join(records)
         fd, size = self._current_fd(len(data))
         _write_whole(fd, data)
         if self.rotates and size + len(data) >= self.max_bytes:
@@ -297,6 +346,13 @@ class AuditLog:
             self._recheck_at = 0.0  # this worker's next record opens the new file
 
     def close(self) -> None:
+        """Write what is queued (raises ``AuditLost`` like ``write``), then close."""
+        try:
+            self.flush()
+        finally:
+            self._close()
+
+    def _close(self) -> None:
         with self._combining, self._thread_lock:
             for fd in (self._fd, self._lock_fd):
                 if fd is not None:

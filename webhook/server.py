@@ -43,6 +43,7 @@ What the launcher sets up, and why:
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import errno
 import glob
@@ -184,6 +185,10 @@ class WebhookWorker(gthread.ThreadWorker):  # type: ignore[misc]
     max_body: int = 7 * 1024 * 1024
 
     def init_process(self) -> None:
+        # One entry per request handed to the thread pool and not yet answered
+        # (deque appends and pops are thread-safe).  The app reads it to know
+        # whether another admission's audit record is coming soon (post_worker_init).
+        self.backlog: collections.deque[None] = collections.deque()
         self._reading: dict[Any, _Reading] = {}
         self._stop_at: float | None = None
         self._evicted = 0  # idle connections closed at the limit, not yet reported
@@ -196,6 +201,7 @@ class WebhookWorker(gthread.ThreadWorker):  # type: ignore[misc]
         """Called by gthread for a new, a kept-alive readable or a pipelined connection."""
         if getattr(conn, "request_ready", False):
             conn.request_ready = False
+            self.backlog.append(None)  # popped when handle() ends
             super().enqueue_req(conn)
             return
         now = time.monotonic()
@@ -403,6 +409,9 @@ class WebhookWorker(gthread.ThreadWorker):  # type: ignore[misc]
                 self.log.exception("Socket error processing request.")
         except Exception as exc:
             self.handle_error(req, conn.sock, conn.client, exc)
+        finally:
+            if self.backlog:
+                self.backlog.pop()
         return False
 
 
@@ -705,7 +714,10 @@ def run(
         def post_worker_init(worker: Any) -> None:
             # The app's Metrics writes what it gathered before it answers a
             # scrape (Metrics.exposition); bench/load.py's floor app has none.
-            local = getattr(worker.wsgi, "extensions", {}).get("ecr_webhook", {}).get("metrics")
+            hooks = getattr(worker.wsgi, "extensions", {}).get("ecr_webhook", {})
+            local = hooks.get("metrics")
+            if "backlog" in hooks and hasattr(worker, "backlog"):
+                hooks["backlog"](worker.backlog)
             exposition = (local.exposition if local is not None
                           else lambda: metrics.multiprocess_exposition(runtime_dir))  # fmt: skip
             serve_metrics(metrics_sock, exposition)
