@@ -7,10 +7,11 @@ out like a ConfigMap volume.  The TLS server itself is tested in test_server.py.
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from tests.serving import (
     aws_node_pod,
     decode_patch,
     images,
+    wait_until,
 )
 from webhook import certs
 from webhook.app import MAX_BODY, create_app
@@ -98,7 +100,8 @@ def make(tmp_path: Path, tls_dir: Path, policy_text: str = "", **kw: Any) -> Har
         audit_log=str(audit_file),
     )
     metrics = Metrics()
-    app = create_app(config, metrics=metrics, audit=AuditLog(str(audit_file)), env={}, **kw)
+    audit = kw.pop("audit", None) or AuditLog(str(audit_file))
+    app = create_app(config, metrics=metrics, audit=audit, env={}, **kw)
     return Harness(app, metrics, audit_file, policy)
 
 
@@ -500,3 +503,77 @@ def test_log_lines_are_klog_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert lines[0]["v"] == 1 and lines[0]["uid"] == "a" and isinstance(lines[0]["ts"], float)
     assert lines[1]["err"] == "ValueError: bad" and "v" not in lines[1]
     assert isinstance(Log().verbosity, int)
+
+
+# ----------------------------------------------------------------- deferred audit writes
+
+
+class SpySink(AuditLog):
+    """A real AuditLog that remembers each write's ``defer``."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(target)
+        self.deferred: list[bool] = []
+
+    def write(self, record: Mapping[str, Any], *, defer: bool = False) -> None:
+        self.deferred.append(defer)
+        super().write(record, defer=defer)
+
+
+def test_records_wait_only_while_the_worker_has_other_requests(
+    tmp_path: Path, tls_dir: Path
+) -> None:
+    """The worker's backlog (server.WebhookWorker.backlog, handed over through the
+    "backlog" hook) decides: a record waits while other requests are pending, and
+    the last admission out writes them all before it answers."""
+    sink = SpySink(str(tmp_path / "audit.log"))
+    h = make(tmp_path, tls_dir, audit=sink)
+    backlog: collections.deque[None] = collections.deque([None, None, None])
+    h.app.extensions["ecr_webhook"]["backlog"](backlog)  # this request and two others
+    for n in range(3):
+        assert h.post(admission_review(uid=f"busy-{n}")).status_code == 200
+    assert sink.deferred == [True, True, True]
+    backlog.clear()
+    backlog.append(None)  # only the request itself
+    assert h.post(admission_review(uid="last")).status_code == 200
+    assert sink.deferred[-1] is False
+    # All four are written before the last answer: nothing left waiting.
+    assert [r["auditID"] for r in h.records()] == ["busy-0", "busy-1", "busy-2", "last"]
+    assert not sink.pending()
+
+
+def test_records_left_waiting_by_a_busy_worker_are_written_by_the_flusher(
+    tmp_path: Path, tls_dir: Path
+) -> None:
+    """Other requests stay pending (a long admission): the flusher writes the records."""
+    h = make(tmp_path, tls_dir)
+    backlog: collections.deque[None] = collections.deque([None, None])
+    h.app.extensions["ecr_webhook"]["backlog"](backlog)
+    for n in range(3):
+        assert h.post(admission_review(uid=f"waiting-{n}")).status_code == 200
+    wait_until(lambda: len(h.records()) == 3, 5, "the deferred records written by the flusher")
+    assert sorted(r["auditID"] for r in h.records()) == ["waiting-0", "waiting-1", "waiting-2"]
+
+
+class Shrinking:
+    """A backlog whose length is read from ``lengths``, one per ``len()``: the
+    other requests finish while this one is being answered."""
+
+    def __init__(self, *lengths: int) -> None:
+        self.lengths = list(lengths)
+
+    def __len__(self) -> int:
+        return self.lengths.pop(0) if len(self.lengths) > 1 else self.lengths[0]
+
+
+def test_the_last_admission_out_writes_its_own_deferred_record(
+    tmp_path: Path, tls_dir: Path
+) -> None:
+    """Deferred while another request was pending, which then finished first: the
+    record is written when this admission ends, before its answer."""
+    sink = SpySink(str(tmp_path / "audit.log"))
+    h = make(tmp_path, tls_dir, audit=sink)
+    h.app.extensions["ecr_webhook"]["backlog"](Shrinking(2, 1))  # at the record, at the end
+    assert h.post(admission_review(uid="deferred-then-alone")).status_code == 200
+    assert sink.deferred == [True]
+    assert [r["auditID"] for r in h.records()] == ["deferred-then-alone"]

@@ -13,11 +13,19 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from webhook.auditlog import PIPE_BUF, RECHECK_SECONDS, AuditLog
+from webhook.auditlog import (
+    DEFER_RECORDS,
+    DEFER_SECONDS,
+    PIPE_BUF,
+    RECHECK_SECONDS,
+    AuditLog,
+    _pieces,
+)
 
 
 def _writer(target: str, proc: int, threads: int, per_thread: int, max_bytes: int,
@@ -94,24 +102,28 @@ def test_zero_max_bytes_never_rotates(tmp_path: Path) -> None:
 STDOUT_WRITERS = """
 import sys, threading, multiprocessing
 from webhook.auditlog import AuditLog
-lock, pad = sys.argv[1], int(sys.argv[2])
+lock, pad, defer = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "defer"
 def proc(p):
     log = AuditLog("-", lock_file=lock)
     def run(t):
         for i in range(100):
-            log.write({"auditID": f"{p}-{t}-{i}", "pad": "y" * pad})
+            log.write({"auditID": f"{p}-{t}-{i}", "pad": "y" * pad}, defer=defer)
     ts = [threading.Thread(target=run, args=(t,)) for t in range(3)]
     [t.start() for t in ts]; [t.join() for t in ts]
+    log.close()
 ps = [multiprocessing.get_context("fork").Process(target=proc, args=(p,)) for p in range(4)]
 [p.start() for p in ps]; [p.join() for p in ps]
 """
 
 
-@pytest.mark.parametrize("pad", [100, 3 * PIPE_BUF], ids=["small", "over-pipe-buf"])
-def test_stdout_pipe_records_are_whole(tmp_path: Path, pad: int) -> None:
-    """Four processes of three threads write to one pipe, as workers share a container log."""
+@pytest.mark.parametrize("defer", ["now", "defer"])
+@pytest.mark.parametrize("pad", [100, 1500, 3 * PIPE_BUF],
+                         ids=["small", "two-per-pipe-buf", "over-pipe-buf"])  # fmt: skip
+def test_stdout_pipe_records_are_whole(tmp_path: Path, pad: int, defer: str) -> None:
+    """Four processes of three threads write to one pipe, as workers share a container log;
+    deferred, records go out in batches, in pieces of at most PIPE_BUF."""
     result = subprocess.run(
-        [sys.executable, "-c", STDOUT_WRITERS, str(tmp_path / "audit.lock"), str(pad)],
+        [sys.executable, "-c", STDOUT_WRITERS, str(tmp_path / "audit.lock"), str(pad), defer],
         capture_output=True, timeout=120, check=True,
     )  # fmt: skip
     lines = result.stdout.decode().splitlines()
@@ -207,3 +219,45 @@ def test_a_failed_batch_says_how_many_records_it_lost(tmp_path: Path) -> None:
     assert caught.value.lost == 3
     assert caught.value.errno == 28  # ENOSPC
     log.close()
+
+
+def test_pieces_keep_records_whole_in_order_and_within_the_limit() -> None:
+    records = [b"a" * n + b"\n" for n in (10, 4000, 50, 5000, 20, 20, 4095, 1)]
+    pieces = list(_pieces(records, PIPE_BUF))
+    assert b"".join(pieces) == b"".join(records)
+    for piece in pieces:
+        # Over the limit only as a record of its own.
+        assert len(piece) <= PIPE_BUF or piece in records
+        assert piece.endswith(b"\n")
+    # 11+4001+51 bytes | 5001 | 21+21 | 4096 (exactly PIPE_BUF; +2 would pass it) | 2
+    assert [len(p) for p in pieces] == [4063, 5001, 42, 4096, 2]
+    assert list(_pieces([], PIPE_BUF)) == []
+
+
+def test_deferred_records_wait_for_a_write_a_flush_or_the_limits(tmp_path: Path) -> None:
+    target = tmp_path / "a.log"
+    log = AuditLog(str(target))
+
+    def lines() -> int:
+        return len(target.read_text().splitlines()) if target.exists() else 0
+
+    log.write({"auditID": "0"}, defer=True)
+    assert lines() == 0 and log.pending()
+    log.write({"auditID": "1"})  # not deferred: takes the queue with it
+    assert lines() == 2 and not log.pending()
+    for i in range(DEFER_RECORDS - 1):
+        log.write({"auditID": f"n{i}"}, defer=True)
+    assert lines() == 2
+    log.write({"auditID": "last"}, defer=True)  # the DEFER_RECORDS-th: written with the rest
+    assert lines() == 2 + DEFER_RECORDS and not log.pending()
+    log.write({"auditID": "old"}, defer=True)
+    time.sleep(DEFER_SECONDS * 2)
+    log.write({"auditID": "new"}, defer=True)  # the first waited long enough: both go
+    assert lines() == 4 + DEFER_RECORDS
+    log.write({"auditID": "at-close"}, defer=True)
+    log.flush()
+    assert lines() == 5 + DEFER_RECORDS
+    log.write({"auditID": "closing"}, defer=True)
+    log.close()  # writes what is queued
+    ids = [json.loads(line)["auditID"] for line in target.read_text().splitlines()]
+    assert ids[:2] == ["0", "1"] and ids[-1] == "closing" and len(set(ids)) == len(ids)
