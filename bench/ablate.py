@@ -59,7 +59,7 @@ class _DropAudit:
     def write(self, record: object, *, defer: bool = False) -> None:
         return None
 
-    def flush(self) -> None:
+    def flush(self, wait: bool = False) -> None:
         return None
 
     def pending(self) -> bool:

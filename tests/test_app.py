@@ -387,7 +387,7 @@ def test_audit_write_failure_still_answers_and_is_counted(tmp_path: Path, tls_di
         def write(self, record: object, *, defer: bool = False) -> None:
             raise OSError(28, "No space left on device")
 
-        def flush(self) -> None:
+        def flush(self, wait: bool = False) -> None:
             return None
 
         def pending(self) -> bool:

@@ -204,6 +204,51 @@ def _review(variant: str, images: tuple[str, ...], uid: str) -> dict[str, Any]:
     return body
 
 
+def _ephemeral(existing: list[str], uid: str) -> dict[str, Any]:
+    """An update through pods/ephemeralcontainers adding dbg and dbg2, with
+    ``existing`` of them already in oldObject."""
+    body = review(op="UPDATE", sub="ephemeralcontainers")
+    body["request"]["uid"] = uid
+    pod = body["request"]["object"]
+    pod["spec"]["ephemeralContainers"] = [{"name": "dbg", "image": BAD},
+                                          {"name": "dbg2", "image": BAD}]  # fmt: skip
+    old = json.loads(json.dumps(pod))
+    old["spec"]["ephemeralContainers"] = [c for c in pod["spec"]["ephemeralContainers"]
+                                          if c["name"] in existing]  # fmt: skip
+    body["request"]["oldObject"] = old
+    return body
+
+
+@pytest.mark.parametrize("order", [[[], ["dbg"], ["dbg", "dbg2"], []],
+                                   [["dbg"], [], ["dbg2"], ["dbg"]]])  # fmt: skip
+def test_ephemeral_updates_of_one_shape_each_patch_only_their_new_containers(
+    order: list[list[str]],
+) -> None:
+    """The plan of a shape is shared; what oldObject already has differs per update."""
+    shared = PlanContext.build(Policy(), "ap-southeast-4")
+    for n, existing in enumerate(order):
+        fresh_ctx = PlanContext.build(Policy(), "ap-southeast-4")
+        fresh = admit(_ephemeral(existing, f"uid-{n}"), fresh_ctx)
+        got = admit(_ephemeral(existing, f"uid-{n}"), shared)
+        assert got.review == fresh.review, existing
+        assert got.plan.decisions == fresh.plan.decisions, existing
+        paths = [op["path"] for op in got.patch]
+        wanted = [f"/spec/ephemeralContainers/{i}/image"
+                  for i, name in enumerate(["dbg", "dbg2"]) if name not in existing]  # fmt: skip
+        assert paths == wanted, existing
+
+
+def test_a_pod_without_rewrites_never_reads_its_annotations() -> None:
+    """Nothing to patch: an annotation the size rule cannot even measure (a lone
+    surrogate, which the JSON fallback decodes) does not fail the admission."""
+    body = review(images=(GOOD,))
+    del body["request"]["object"]["spec"]["ephemeralContainers"]  # review() adds a BAD one
+    body["request"]["object"]["metadata"]["annotations"] = {"note": "\ud800"}
+    outcome = admit(body, PlanContext.build(Policy(), "ap-southeast-4"))
+    assert outcome.decision == "unchanged"
+    assert outcome.error is None
+
+
 @pytest.mark.parametrize("images", [(BAD,), (BAD, GOOD), (GOOD,), (BAD, LONG, BAD)])
 def test_a_shared_context_answers_as_a_fresh_one(images: tuple[str, ...]) -> None:
     shared = PlanContext.build(Policy(), "ap-southeast-4")

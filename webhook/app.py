@@ -386,7 +386,7 @@ def create_app(
                 thread = threading.Thread(target=flush_deferred, name="audit-flush", daemon=True)
                 thread.start()
                 deferred_flusher.append(thread)
-                atexit.register(audit_write, None, audit.flush)
+                atexit.register(audit_write, None, lambda: audit.flush(wait=True))
 
     app.extensions["ecr_webhook"] = {
         "metrics": metrics, "audit": audit, "policy": policy, "certificate": certificate,
@@ -416,7 +416,10 @@ def create_app(
                     # records deferred while others were (write(..., defer=True)).
                     audit_write(None, audit.flush)
                 elif not deferred_flusher:
-                    start_deferred_flusher()
+                    try:
+                        start_deferred_flusher()
+                    except Exception:  # no thread to be had (pids limit, exit): write now
+                        audit_write(None, audit.flush)
             in_progress.pop()
         return Response(payload, status=ans.status, mimetype=JSON)
 

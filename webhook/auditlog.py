@@ -87,19 +87,20 @@ def _take_all(queue: deque[bytes]) -> list[bytes]:
         return taken
 
 
-def _pieces(records: list[bytes], limit: int) -> Iterator[bytes]:
+def _pieces(records: list[bytes], limit: int) -> Iterator[tuple[bytes, int]]:
     """``records`` joined into pieces of at most ``limit`` bytes each, a record
-    never split; a record longer than ``limit`` is a piece of its own."""
+    never split, with the number of records in each; a record longer than
+    ``limit`` is a piece of its own."""
     piece: list[bytes] = []
     size = 0
     for record in records:
         if piece and size + len(record) > limit:
-            yield b"".join(piece)
+            yield b"".join(piece), len(piece)
             piece, size = [], 0
         piece.append(record)
         size += len(record)
     if piece:
-        yield b"".join(piece)
+        yield b"".join(piece), len(piece)
 
 
 class AuditLost(OSError):
@@ -113,7 +114,7 @@ class AuditLost(OSError):
 
 class AuditSink(Protocol):
     def write(self, record: Mapping[str, Any], *, defer: bool = False) -> None: ...
-    def flush(self) -> None: ...
+    def flush(self, wait: bool = False) -> None: ...
     def pending(self) -> bool: ...
 
 
@@ -229,8 +230,12 @@ class AuditLog:
         """Whether records wait in the queue (deferred, or queued by a thread just now)."""
         return bool(self._queue)
 
-    def flush(self) -> None:
+    def flush(self, wait: bool = False) -> None:
         """Write the queued records; raises ``AuditLost`` like ``write``.
+
+        ``wait``: when another thread is writing, wait for it and then write
+        what is left, rather than leave it to that thread (at exit: a daemon
+        thread's write may never finish).
 
         Threads combine their writes: the thread that finds no write under way
         writes the whole queue in one ``write(2)`` (stdout: in pieces of at
@@ -245,13 +250,15 @@ class AuditLog:
         (a graceful stop loses none: the last admission flushes).
         """
         while self._queue:
-            if not self._combining.acquire(blocking=False):
+            if not self._combining.acquire(blocking=wait):
                 return  # the thread writing now takes these records with its own
             try:
                 while self._queue:
                     batch = _take_all(self._queue)
                     try:
                         self._write_batch(batch)
+                    except AuditLost:
+                        raise
                     except OSError as exc:
                         raise AuditLost(len(batch), exc) from exc
             finally:
@@ -265,12 +272,17 @@ class AuditLog:
             # A pipe write of at most PIPE_BUF bytes is atomic: records are
             # sent in pieces that fit, each without a lock; only a record
             # longer than PIPE_BUF on its own needs the lock.
-            for piece in _pieces(records, PIPE_BUF):
-                if len(piece) <= PIPE_BUF:
-                    _write_all(1, piece)
-                else:
-                    with self._locked():
+            written = 0
+            for piece, count in _pieces(records, PIPE_BUF):
+                try:
+                    if len(piece) <= PIPE_BUF:
                         _write_all(1, piece)
+                    else:
+                        with self._locked():
+                            _write_all(1, piece)
+                except OSError as exc:  # the pieces before this one are out
+                    raise AuditLost(len(records) - written, exc) from exc
+                written += count
             return
         data = b"".join(records)
         fd, size = self._current_fd(len(data))
@@ -348,7 +360,7 @@ class AuditLog:
     def close(self) -> None:
         """Write what is queued (raises ``AuditLost`` like ``write``), then close."""
         try:
-            self.flush()
+            self.flush(wait=True)
         finally:
             self._close()
 

@@ -202,7 +202,11 @@ class WebhookWorker(gthread.ThreadWorker):  # type: ignore[misc]
         if getattr(conn, "request_ready", False):
             conn.request_ready = False
             self.backlog.append(None)  # popped when handle() ends
-            super().enqueue_req(conn)
+            try:
+                super().enqueue_req(conn)
+            except BaseException:  # never handed to a thread: handle() will not pop it
+                self.backlog.pop()
+                raise
             return
         now = time.monotonic()
         state = _Reading(RequestScanner(self.max_body), now + self.cfg.keepalive, now)

@@ -299,7 +299,8 @@ class PodPlan:
     # pod of one shape the same PodPlan, so this memo is what makes a
     # DaemonSet's hundredth pod cost a few lookups.  Not part of the value;
     # use ``remember_derived`` to add to it (bounded).
-    derived: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
+    # init=False: dataclasses.replace() (review._only_new) gives a fresh one.
+    derived: dict[Any, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def remember_derived(self, key: object, value: object) -> None:
         """``derived[key] = value``, emptying ``derived`` first when it holds DERIVED_MAX."""
@@ -340,6 +341,7 @@ def plan_pod(
     if not isinstance(spec, jsonc.OBJECT):
         return PodPlan()
     shape: list[tuple[str, str, Any]] = []  # (container name, path, image)
+    all_str = True
     for kind in kinds:
         containers = spec.get(kind)
         if not isinstance(containers, list):
@@ -347,19 +349,19 @@ def plan_pod(
         for i, c in enumerate(containers):
             if not isinstance(c, jsonc.OBJECT):
                 continue
-            shape.append((str(c.get("name", f"{kind}[{i}]")), f"{kind}/{i}/image", c.get("image")))
+            image = c.get("image")
+            all_str = all_str and type(image) is str
+            shape.append((str(c.get("name", f"{kind}[{i}]")), f"{kind}/{i}/image", image))
     oracle = ctx.oracle
-    if isinstance(oracle, EvidenceOracle) or not getattr(oracle, "static", False):
+    if not all_str or isinstance(oracle, EvidenceOracle) or not getattr(oracle, "static", False):
         return PodPlan(decisions=tuple(_decide(n, p, image, skip, ctx) for n, p, image in shape))
     # A static oracle: the whole plan is a function of the pod's shape, so every
     # pod of a DaemonSet or a Deployment gets the same PodPlan object, and with
-    # it the answer memoised on it (PodPlan.derived).  Only str images are
-    # keyed: anything else in ``image`` may be unhashable.
+    # it what is derived from it (PodPlan.derived).  Only str images are keyed:
+    # anything else may be unhashable, or equal to another type's value (1 ==
+    # True == 1.0) while the Decision keeps its own text.
     key = (skip, tuple(shape))
-    try:
-        planned = ctx.plans.get(key)
-    except TypeError:  # an unhashable image: plan it, unmemoised
-        return PodPlan(decisions=tuple(_decide(n, p, image, skip, ctx) for n, p, image in shape))
+    planned = ctx.plans.get(key)
     if planned is None:
         planned = PodPlan(decisions=tuple(_decide(n, p, image, skip, ctx) for n, p, image in shape))
         _remember(ctx.plans, key, planned)
