@@ -183,12 +183,18 @@ class WebhookWorker(gthread.ThreadWorker):  # type: ignore[misc]
 
     read_timeout: float = 5.0
     max_body: int = 7 * 1024 * 1024
+    wsgi: Callable[..., Any]  # the app, set by gunicorn's load_wsgi (wrapped: see load_wsgi)
+    wsgi_app: Callable[..., Any]  # the app itself
 
     def init_process(self) -> None:
-        # One entry per request handed to the thread pool and not yet answered
-        # (deque appends and pops are thread-safe).  The app reads it to know
-        # whether another admission's audit record is coming soon (post_worker_init).
+        # One entry per request handed to the thread pool that has not yet been
+        # through the app (deque appends and pops are thread-safe).  The app
+        # reads it to know whether another admission's audit record is coming
+        # soon (post_worker_init).  Left when the app returns, before the answer
+        # is sent: a client that sends its next request after reading the
+        # answer never finds the previous one still counted.
         self.backlog: collections.deque[None] = collections.deque()
+        self._in_backlog = threading.local()  # this thread's request is counted
         self._reading: dict[Any, _Reading] = {}
         self._stop_at: float | None = None
         self._evicted = 0  # idle connections closed at the limit, not yet reported
@@ -197,11 +203,29 @@ class WebhookWorker(gthread.ThreadWorker):  # type: ignore[misc]
 
     # -- entry point: every connection that needs a request goes through here
 
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        app = self.wsgi
+        self.wsgi_app = app
+
+        def counted(environ: dict[str, Any], start_response: Any) -> Any:
+            try:
+                return app(environ, start_response)
+            finally:
+                self._leave_backlog()
+
+        self.wsgi = counted
+
+    def _leave_backlog(self) -> None:
+        if getattr(self._in_backlog, "on", False):
+            self._in_backlog.on = False
+            self.backlog.pop()
+
     def enqueue_req(self, conn: Any) -> None:
         """Called by gthread for a new, a kept-alive readable or a pipelined connection."""
         if getattr(conn, "request_ready", False):
             conn.request_ready = False
-            self.backlog.append(None)  # popped when handle() ends
+            self.backlog.append(None)  # left when the app returns (or handle() ends)
             try:
                 super().enqueue_req(conn)
             except BaseException:  # never handed to a thread: handle() will not pop it
@@ -395,6 +419,7 @@ class WebhookWorker(gthread.ThreadWorker):  # type: ignore[misc]
     def handle(self, conn: Any) -> Any:
         """Serve the buffered request; every socket read and write bounded by read_timeout."""
         req = None
+        self._in_backlog.on = True  # appended when the request was handed over
         try:
             conn.sock.settimeout(self.read_timeout)
             req = next(conn.parser)
@@ -414,8 +439,7 @@ class WebhookWorker(gthread.ThreadWorker):  # type: ignore[misc]
         except Exception as exc:
             self.handle_error(req, conn.sock, conn.client, exc)
         finally:
-            if self.backlog:
-                self.backlog.pop()
+            self._leave_backlog()  # a request that never reached the app
         return False
 
 
@@ -718,7 +742,8 @@ def run(
         def post_worker_init(worker: Any) -> None:
             # The app's Metrics writes what it gathered before it answers a
             # scrape (Metrics.exposition); bench/load.py's floor app has none.
-            hooks = getattr(worker.wsgi, "extensions", {}).get("ecr_webhook", {})
+            app = getattr(worker, "wsgi_app", worker.wsgi)  # WebhookWorker wraps the app
+            hooks = getattr(app, "extensions", {}).get("ecr_webhook", {})
             local = hooks.get("metrics")
             if "backlog" in hooks and hasattr(worker, "backlog"):
                 hooks["backlog"](worker.backlog)
