@@ -102,8 +102,10 @@ def serve_webhook(tmp: Path) -> Served:
 class AuditFile:
     """The JSON-lines audit file of ``ecr-webhook serve --audit-log FILE``.
 
-    The server writes a record before it answers, so once an API call returns
-    every record of it is in the file.
+    A worker answering one admission at a time writes its record before it
+    answers, so once an API call made alone returns, its record is in the file
+    (records of concurrent admissions may follow about 50 ms later: README,
+    "Audit records"; these tests make their API calls one at a time).
     """
 
     def __init__(self, path: Path) -> None:
