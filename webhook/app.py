@@ -361,9 +361,9 @@ def create_app(
     # The admissions this worker is answering (one entry each; deque appends
     # and pops are thread-safe): whether an audit record may wait for another.
     # Under ``serve`` the worker's own count replaces it (server.WebhookWorker
-    # .backlog, through the "backlog" hook): requests handed to its threads and
-    # not yet answered, so also those still waiting for a thread or the GIL,
-    # which a count kept here would not see.
+    # .backlog, through the "backlog" hook): requests handed to its threads
+    # that have not yet been through the app, so also those still waiting for
+    # a thread or the GIL, which a count kept here would not see.
     in_progress: collections.deque[None] = collections.deque()
     backlog: list[Sized] = [in_progress]
     deferred_flusher: list[threading.Thread] = []
