@@ -327,7 +327,7 @@ class WebhookWorker(gthread.ThreadWorker):  # type: ignore[misc]
         state.buf = bytearray()
         state.out = too_large_answer(message)
         state.deadline = max(state.deadline, time.monotonic() + _LINGER_SECONDS)
-        refused = getattr(self.wsgi, "extensions", {}).get("ecr_webhook", {}).get("refused")
+        refused = getattr(self.wsgi_app, "extensions", {}).get("ecr_webhook", {}).get("refused")
         if refused is not None:
             try:
                 refused(413, message)
