@@ -153,13 +153,22 @@ def response(
     warnings: tuple[str, ...] = (),
 ) -> AdmissionReviewOut:  # fmt: skip
     """An ``allowed: true`` AdmissionReview answer; a patch only when there is one."""
+    return _answer(api_version, uid, _encode_patch(patch), tuple(truncate(w) for w in warnings))
+
+
+def _encode_patch(patch: list[PatchOp] | tuple[PatchOp, ...]) -> str:
+    """``response.patch``: the base64 of the patch's JSON; "" without a patch."""
+    return base64.b64encode(jsonc.dumps(list(patch))).decode("ascii") if patch else ""
+
+
+def _answer(api_version: str, uid: str, encoded: str, shown: tuple[str, ...]) -> AdmissionReviewOut:
+    """``response`` from the patch already encoded and the warnings already truncated."""
     resp: AdmissionResponse = {"uid": uid, "allowed": True}
-    if patch:
+    if encoded:
         resp["patchType"] = "JSONPatch"
-        raw = jsonc.dumps(list(patch))
-        resp["patch"] = base64.b64encode(raw).decode("ascii")
-    if warnings:
-        resp["warnings"] = [truncate(w) for w in warnings]
+        resp["patch"] = encoded
+    if shown:
+        resp["warnings"] = list(shown)
     return {"apiVersion": api_version, "kind": "AdmissionReview", "response": resp}
 
 
@@ -214,14 +223,7 @@ def admit(body: object, ctx: PlanContext) -> Outcome:
     # seen against kube-apiserver v1.37 in tests/e2e/test_webhook.py).  So only the
     # image operations are sent there, and the audit record keeps the originals.
     derived = _derive(pod, plan, None if ephemeral else ORIGINALS_ANNOTATION)
-    resp: AdmissionResponse = {"uid": uid, "allowed": True}
-    if derived.encoded:
-        resp["patchType"] = "JSONPatch"
-        resp["patch"] = derived.encoded
-    if derived.shown:
-        resp["warnings"] = list(derived.shown)
-    answer: AdmissionReviewOut = {"apiVersion": api_version, "kind": "AdmissionReview",
-                                  "response": resp}  # fmt: skip
+    answer = _answer(api_version, uid, derived.encoded, derived.shown)
     decision: Decision = "patched" if derived.patch else "unchanged"
     return Outcome(answer, decision, request, plan, derived.patch, derived.warnings)
 
@@ -262,8 +264,7 @@ def _derive(pod: Mapping[str, Any], plan: PodPlan, annotation: str | None) -> _D
     warnings = tuple(d.short_message(MAX_WARNING) for d in plan.rewrites + plan.warnings)
     if omitted is not None:
         warnings += (omitted,)
-    encoded = base64.b64encode(jsonc.dumps(list(patch))).decode("ascii") if patch else ""
-    derived = _Derived(patch, warnings, encoded, tuple(truncate(w) for w in warnings))
+    derived = _Derived(patch, warnings, _encode_patch(patch), tuple(truncate(w) for w in warnings))
     plan.remember_derived(key, derived)
     return derived
 
