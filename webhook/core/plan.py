@@ -54,9 +54,9 @@ MEMO_MAX = 4096
 DERIVED_MAX = 8
 
 
-def _remember(memo: dict[Any, Any], key: object, value: object) -> None:
-    """``memo[key] = value``, emptying ``memo`` first when it holds ``MEMO_MAX`` entries."""
-    if len(memo) >= MEMO_MAX:
+def _remember(memo: dict[Any, Any], key: object, value: object, limit: int = MEMO_MAX) -> None:
+    """``memo[key] = value``, emptying ``memo`` first when it holds ``limit`` entries."""
+    if len(memo) >= limit:
         memo.clear()
     memo[key] = value
 
@@ -303,10 +303,8 @@ class PodPlan:
     derived: dict[Any, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def remember_derived(self, key: object, value: object) -> None:
-        """``derived[key] = value``, emptying ``derived`` first when it holds DERIVED_MAX."""
-        if len(self.derived) >= DERIVED_MAX:
-            self.derived.clear()
-        self.derived[key] = value
+        """``derived[key] = value``, bounded by DERIVED_MAX (``_remember``)."""
+        _remember(self.derived, key, value, DERIVED_MAX)
 
     # Computed once: the admission path reads them three times (patch,
     # warnings, metrics).  cached_property writes the instance __dict__
