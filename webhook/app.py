@@ -28,8 +28,6 @@ where the kubelet probes them with ``scheme: HTTPS``.
 
 from __future__ import annotations
 
-import atexit
-import collections
 import os
 import threading
 import time
@@ -43,6 +41,7 @@ from werkzeug.http import parse_options_header
 from werkzeug.wsgi import get_content_length
 
 from webhook.auditlog import AuditLog, AuditSink
+from webhook.background import Periodic
 from webhook.config import MAX_BODY, ServeConfig
 from webhook.core import jsonc, review
 from webhook.core.audit import build_record
@@ -358,35 +357,23 @@ def create_app(
                 log.info("audit records written again", lost=audit_throttle.settle(),
                          target=config.audit_log)  # fmt: skip
 
-    # The admissions this worker is answering (one entry each; deque appends
-    # and pops are thread-safe): whether an audit record may wait for another.
-    # Under ``serve`` the worker's own count replaces it (server.WebhookWorker
-    # .backlog, through the "backlog" hook): requests handed to its threads
-    # that have not yet been through the app, so also those still waiting for
-    # a thread or the GIL, which a count kept here would not see.
-    in_progress: collections.deque[None] = collections.deque()
-    backlog: list[Sized] = [in_progress]
-    deferred_flusher: list[threading.Thread] = []
-    flusher_lock = threading.Lock()
+    # Whether an audit record may wait for another: the worker's count of the
+    # requests handed to its threads that have not yet been through the app
+    # (server.WebhookWorker.backlog, through the "backlog" hook), this one
+    # included.  Served otherwise (tests, another WSGI server) nothing is
+    # counted, and every record is written before its answer.
+    backlog: list[Sized] = [()]
 
     def flush_deferred() -> None:
-        # An admission that takes long (probing: up to its budget) must not
-        # hold back the records deferred while it runs: they are written
-        # within DEFERRED_FLUSH_SECONDS whatever the admissions in progress do.
-        while True:
-            time.sleep(DEFERRED_FLUSH_SECONDS)
-            if audit.pending():
-                audit_write(None, audit.flush)
+        if audit.pending():
+            audit_write(None, audit.flush)
 
-    def start_deferred_flusher() -> None:
-        # Started by the first deferral, so in the worker (after gunicorn forked);
-        # what is still queued is written at exit (a graceful stop loses none).
-        with flusher_lock:
-            if not deferred_flusher:
-                thread = threading.Thread(target=flush_deferred, name="audit-flush", daemon=True)
-                thread.start()
-                deferred_flusher.append(thread)
-                atexit.register(audit_write, None, lambda: audit.flush(wait=True))
+    # An admission that takes long (probing: up to its budget) must not hold
+    # back the records deferred while it runs: they are written within
+    # DEFERRED_FLUSH_SECONDS whatever the admissions in progress do, and what
+    # is still queued at exit is written then (a graceful stop loses none).
+    deferred_flusher = Periodic("audit-flush", DEFERRED_FLUSH_SECONDS, flush_deferred,
+                                at_exit=lambda: audit_write(None, lambda: audit.flush(wait=True)))
 
     app.extensions["ecr_webhook"] = {
         "metrics": metrics, "audit": audit, "policy": policy, "certificate": certificate,
@@ -398,7 +385,6 @@ def create_app(
         received = clock()
         started = time.perf_counter()
         metrics.begin()
-        in_progress.append(None)
         try:
             ans = answer()
             document = ans.outcome.review if ans.outcome is not None else ans.document
@@ -410,17 +396,11 @@ def create_app(
                 log.error("recording the admission failed", err=exc)
         finally:
             metrics.end()
-            if audit.pending():
-                if len(backlog[0]) <= 1:
-                    # The last admission in progress (this one) writes the
-                    # records deferred while others were (write(..., defer=True)).
-                    audit_write(None, audit.flush)
-                elif not deferred_flusher:
-                    try:
-                        start_deferred_flusher()
-                    except Exception:  # no thread to be had (pids limit, exit): write now
-                        audit_write(None, audit.flush)
-            in_progress.pop()
+            # The last admission in progress (this one) writes the records
+            # deferred while others were (write(..., defer=True)); otherwise the
+            # flusher will, and with no thread to be had, this one does now.
+            if audit.pending() and (len(backlog[0]) <= 1 or not deferred_flusher.ensure()):
+                audit_write(None, audit.flush)
         return Response(payload, status=ans.status, mimetype=JSON)
 
     @app.get("/healthz")

@@ -53,14 +53,11 @@ wrong; the in-flight gauge is each worker's count at its last flush.  Why: see
 
 from __future__ import annotations
 
-import atexit
 import bisect
 import collections
-import contextlib
 import errno
 import os
 import threading
-import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -75,6 +72,7 @@ from prometheus_client import (
 from prometheus_client import multiprocess as _multiprocess
 
 from webhook import __version__
+from webhook.background import Periodic
 
 PREFIX = "ecr_webhook"
 RESULTS = ("patched", "unchanged", "skipped", "error", "rejected")
@@ -206,7 +204,10 @@ class Metrics:
         self._pending = _Pending()
         self._pending_lock = threading.Lock()
         self._active: collections.deque[None] = collections.deque()  # begin() .. end()
-        self._flusher: threading.Thread | None = None
+        # Started at the first request, so in the worker that serves it (after
+        # gunicorn forked); the last values are written at exit.  A failed
+        # flush loses what it had taken (counts, not answers).
+        self._flusher = Periodic("metrics-flush", flush_seconds, self.flush)
 
     # Per-request metrics.  With ``flush_seconds`` (``serve``: FLUSH_SECONDS) they
     # are gathered in plain counters under one lock and written to the
@@ -227,8 +228,7 @@ class Metrics:
         # One entry per request in progress, without a lock: deque appends and
         # pops are thread-safe (Python docs, collections.deque).
         self._active.append(None)
-        if self._flusher is None:
-            self._ensure_flusher()
+        self._flusher.ensure()
 
     def end(self) -> None:
         if not self.flush_seconds:
@@ -252,8 +252,7 @@ class Metrics:
                 counts = self._pending.rewrites
                 for key in keys:
                     counts[key] = counts.get(key, 0) + 1
-            if self._flusher is None:
-                self._ensure_flusher()
+            self._flusher.ensure()
             return
         self._request_child(code, result).inc()
         self.duration.observe(seconds)
@@ -287,27 +286,6 @@ class Metrics:
             if child is None:
                 child = self._rewrites[key] = self.rewrites.labels(*key)
             child.inc(n)
-
-    def _ensure_flusher(self) -> None:
-        if self._flusher is not None:
-            return
-        with self._pending_lock:
-            if self._flusher is not None:
-                return
-            # Started at the first request, so in the worker that serves it
-            # (after gunicorn forked); the last values are written at exit.
-            self._flusher = threading.Thread(target=self._flush_loop, name="metrics-flush",
-                                             daemon=True)  # fmt: skip
-            self._flusher.start()
-        atexit.register(self.flush)
-
-    def _flush_loop(self) -> None:
-        while True:
-            time.sleep(self.flush_seconds)
-            # A failed flush loses what it had taken (counts, not answers); the
-            # thread must go on, or no per-request metric would move again.
-            with contextlib.suppress(Exception):
-                self.flush()
 
     # ProbeObserver (webhook.prober): called from probe threads.
 
