@@ -15,7 +15,6 @@ import http.client
 import json
 import os
 import re
-import socket
 import ssl
 import statistics
 import subprocess
@@ -26,6 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tests.serving import https_connection
 
 PLACEHOLDER = "00000000-0000-4000-8000-000000000000"
 
@@ -127,15 +128,6 @@ def body_template(review: Mapping[str, Any]) -> bytes:
     return json.dumps(doc).encode()
 
 
-def _connection(port: int, ctx: ssl.SSLContext, timeout: float) -> http.client.HTTPSConnection:
-    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=timeout)
-    conn.host = "localhost"  # verify the certificate for localhost, connect to 127.0.0.1
-    conn._create_connection = (  # type: ignore[attr-defined]
-        lambda addr, *a, **kw: socket.create_connection(("127.0.0.1", port), *a, **kw)
-    )
-    return conn
-
-
 def paced(port: int, ctx: ssl.SSLContext, template: bytes, *, rate: float, seconds: float,
           connections: int = 8, timeout: float = 10.0, prefix: str = "soak") -> Soak:  # fmt: skip
     """Send ``rate`` admissions per second for ``seconds`` over ``connections`` keep-alive
@@ -149,7 +141,7 @@ def paced(port: int, ctx: ssl.SSLContext, template: bytes, *, rate: float, secon
     marker = PLACEHOLDER.encode()
 
     def client(i: int) -> None:
-        conn = _connection(port, ctx, timeout)
+        conn = https_connection(port, ctx, timeout=timeout)
         due = start + i * interval / connections
         n = 0
         try:
@@ -173,7 +165,7 @@ def paced(port: int, ctx: ssl.SSLContext, template: bytes, *, rate: float, secon
                 except (OSError, http.client.HTTPException) as exc:
                     took, error = time.perf_counter() - t0, f"{type(exc).__name__}: {exc}"
                     conn.close()
-                    conn = _connection(port, ctx, timeout)
+                    conn = https_connection(port, ctx, timeout=timeout)
                 with lock:
                     result.sent += 1
                     if error is None:

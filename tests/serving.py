@@ -201,6 +201,17 @@ def apiserver_tls_context(ca_file: str | os.PathLike[str]) -> ssl.SSLContext:
     return ctx
 
 
+def https_connection(port: int, ctx: ssl.SSLContext, host: str = "localhost",
+                     timeout: float = 10) -> http.client.HTTPSConnection:  # fmt: skip
+    """An HTTPS connection to 127.0.0.1:``port`` that verifies the certificate for ``host``."""
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=timeout)
+    conn.host = host
+    conn._create_connection = (  # type: ignore[attr-defined]
+        lambda addr, *a, **kw: socket.create_connection(("127.0.0.1", port), *a, **kw)
+    )
+    return conn
+
+
 def post_review(
     port: int,
     ctx: ssl.SSLContext,
@@ -213,13 +224,7 @@ def post_review(
 ) -> tuple[int, Any]:
     """POST to /mutate over TLS; (status, decoded JSON body)."""
     own = conn is None
-    c = conn or http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=timeout)
-    if own:
-        # Verify the certificate for ``host`` while connecting to the loopback address.
-        c.host = host
-        c._create_connection = (  # type: ignore[attr-defined]
-            lambda addr, *a, **kw: socket.create_connection(("127.0.0.1", port), *a, **kw)
-        )
+    c = conn or https_connection(port, ctx, host, timeout)
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     try:
         c.request("POST", "/mutate", body=data, headers={"Content-Type": content_type})
@@ -239,11 +244,7 @@ def get(port: int, path: str, ctx: ssl.SSLContext | None = None, host: str = "lo
             "127.0.0.1", port, timeout=timeout
         )
     else:
-        c = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=timeout)
-        c.host = host
-        c._create_connection = (  # type: ignore[attr-defined]
-            lambda addr, *a, **kw: socket.create_connection(("127.0.0.1", port), *a, **kw)
-        )
+        c = https_connection(port, ctx, host, timeout)
     try:
         c.request("GET", path)
         resp = c.getresponse()

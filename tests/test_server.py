@@ -9,7 +9,6 @@ kube-apiserver's Go TLS stack does.
 from __future__ import annotations
 
 import base64
-import http.client
 import json
 import socket
 import ssl
@@ -41,6 +40,7 @@ from tests.serving import (
     ecr_webhook,
     free_port,
     get,
+    https_connection,
     images,
     peer_certificate,
     post_review,
@@ -215,12 +215,7 @@ def test_audit_is_complete_under_concurrent_load(server: Served) -> None:
     errors: list[BaseException] = []
 
     def client(t: int) -> None:
-        conn = http.client.HTTPSConnection("127.0.0.1", server.port, context=server.ctx,
-                                           timeout=30)  # fmt: skip
-        conn.host = "localhost"
-        conn._create_connection = (  # type: ignore[attr-defined]
-            lambda addr, *a, **kw: socket.create_connection(("127.0.0.1", server.port), *a, **kw)
-        )
+        conn = https_connection(server.port, server.ctx, timeout=30)
         try:
             for i in range(per_thread):
                 status, doc = post_review(
@@ -289,11 +284,7 @@ def test_after_a_burst_each_record_is_written_before_its_answer(server: Served) 
         c.start()
     for c in clients:
         c.join(60)
-    conn = http.client.HTTPSConnection("127.0.0.1", server.port, context=server.ctx, timeout=30)
-    conn.host = "localhost"
-    conn._create_connection = (  # type: ignore[attr-defined]
-        lambda addr, *a, **kw: socket.create_connection(("127.0.0.1", server.port), *a, **kw)
-    )
+    conn = https_connection(server.port, server.ctx, timeout=30)
     try:
         for i in range(30):  # one keep-alive connection: the same worker, back to back
             uid = f"sequential-{i}"
